@@ -1,0 +1,260 @@
+//! `agfsync sample`: text-to-image generation.
+
+use std::path::{Path, PathBuf};
+
+use agfsync_diffusion::pipeline::{
+    decode_latents, denoise, encode_prompts, latent_shape, random_latents, to_rgb8, DenoiseOptions,
+};
+use agfsync_diffusion::rng::Generator;
+use agfsync_diffusion::schedulers::{build, SchedulerConfig, SchedulerKind};
+use agfsync_models::hub::{resolve_model, HubOptions};
+use agfsync_models::stable_diffusion::{LoadOptions, StableDiffusion};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use clap::Args;
+
+use crate::common::{check_dtype_device, parse_device, parse_dtype, progress};
+use crate::images::{read_latents, write_latents, write_png};
+
+/// Arguments of `agfsync sample`.
+#[derive(Args, Debug, Clone)]
+pub struct SampleArgs {
+    /// Model: a diffusers pipeline folder, or a hub id (`org/name[@revision]`)
+    /// read through the Hugging Face cache.
+    #[arg(long)]
+    pub model: String,
+    /// The prompt.
+    #[arg(long)]
+    pub prompt: String,
+    /// What the image should not show (used with guidance > 1).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// Classifier-free guidance scale (1 or less turns guidance off).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// Scheduler: ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras.
+    /// Default: the model's own (scheduler/scheduler_config.json).
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Seed of image 0; image i uses seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Initial latents: a safetensors file whose tensor `latents` has shape
+    /// [num-images, 4, height/8, width/8] (what diffusers' `latents=` takes).
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Image height in pixels (default: the model's native size).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels (default: the model's native size).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Number of images.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+    /// Images denoised together.
+    #[arg(long, default_value_t = 1)]
+    pub batch_size: usize,
+    /// Use the text encoder's output this many layers before the last
+    /// (diffusers' clip_skip).
+    #[arg(long)]
+    pub clip_skip: Option<usize>,
+    /// Output: a .png file (numbered when several images) or a folder.
+    #[arg(long, default_value = "out")]
+    pub out: PathBuf,
+    /// Also write the final latents (before VAE decoding), tensor `latents`.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Weights variant to prefer (e.g. fp16), falling back to the plain files.
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+fn output_paths(out: &Path, n: usize) -> Result<Vec<PathBuf>> {
+    let is_png = out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if is_png {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        if n == 1 {
+            return Ok(vec![out.to_path_buf()]);
+        }
+        let stem = out.file_stem().unwrap_or_default().to_string_lossy();
+        return Ok((0..n)
+            .map(|i| out.with_file_name(format!("{stem}-{i}.png")))
+            .collect());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    Ok((0..n).map(|i| out.join(format!("{i:05}.png"))).collect())
+}
+
+/// Runs `agfsync sample`.
+pub fn run(a: &SampleArgs) -> Result<()> {
+    if a.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if a.num_images == 0 || a.batch_size == 0 {
+        bail!("--num-images and --batch-size must be at least 1");
+    }
+    let device = parse_device(&a.device)?;
+    let dtype = parse_dtype(&a.dtype)?;
+    check_dtype_device(dtype, &device)?;
+    // Check what can be checked before the (slow) model load.
+    let kind_override = match &a.scheduler {
+        Some(s) => Some(s.parse::<SchedulerKind>()?),
+        None => None,
+    };
+    let init = match &a.latents {
+        Some(p) => Some(read_latents(p)?),
+        None => None,
+    };
+
+    let src = resolve_model(&a.model, &HubOptions::from_env())?;
+    tracing::info!("loading {}", src.describe(""));
+    let sd = StableDiffusion::load(
+        &src,
+        &LoadOptions {
+            dtype,
+            device: device.clone(),
+            variant: a.variant.clone(),
+        },
+    )?;
+    let native = sd.unet.config().sample_size * sd.vae.config().scale_factor();
+    let height = a.height.unwrap_or(native);
+    let width = a.width.unwrap_or(native);
+    let shape = latent_shape(&sd, a.num_images, height, width)?;
+    if let Some(l) = &init {
+        let (n, c, h, w) = shape;
+        if l.dims() != [n, c, h, w] {
+            bail!(
+                "--latents {}: tensor `latents` has shape {:?}, expected [{n}, {c}, {h}, {w}] for --num-images {n} at {height}x{width}",
+                a.latents.as_deref().unwrap_or(Path::new("")).display(),
+                l.dims()
+            );
+        }
+    }
+
+    let sched_cfg = SchedulerConfig::from_json_str(&sd.scheduler_config)
+        .context("reading the model's scheduler/scheduler_config.json")?;
+    let kind = match kind_override {
+        Some(k) => k,
+        None => SchedulerKind::from_class_name(&sched_cfg.class_name)?,
+    };
+    let paths = output_paths(&a.out, a.num_images)?;
+    let negative = vec![a.negative_prompt.clone()];
+    let prompts = vec![a.prompt.clone()];
+    let (one_text, report) = encode_prompts(&sd, &prompts, Some(&negative), a.clip_skip)?;
+    if !report.truncated.is_empty() {
+        tracing::warn!(
+            "the prompt is longer than the text encoder's 77 tokens: the rest was truncated (as diffusers does)"
+        );
+    }
+
+    let mut finals = Vec::with_capacity(a.num_images);
+    let pb = progress((a.num_images * a.steps) as u64, "sampling");
+    let mut start = 0;
+    while start < a.num_images {
+        let b = a.batch_size.min(a.num_images - start);
+        let mut scheduler = build(kind, &sched_cfg)?;
+        scheduler.set_timesteps(a.steps)?;
+        let latents = match &init {
+            Some(l) => l.narrow(0, start, b)?.to_device(&device)?,
+            None => {
+                let rows = (start..start + b)
+                    .map(|i| {
+                        let mut g = Generator::new(a.seed.wrapping_add(i as u64));
+                        random_latents(&mut g, (1, shape.1, shape.2, shape.3), &device)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&rows, 0)?
+            }
+        };
+        let text = agfsync_diffusion::pipeline::TextConditioning {
+            cond: one_text.cond.repeat((b, 1, 1))?,
+            uncond: match &one_text.uncond {
+                Some(u) => Some(u.repeat((b, 1, 1))?),
+                None => None,
+            },
+            added: None,
+        };
+        // Noise drawn during sampling (ancestral schedulers, DDIM eta > 0)
+        // comes from a generator of the batch's first seed.
+        let mut rng = Generator::new(a.seed.wrapping_add(start as u64) ^ 0x5eed);
+        let done_before = (start * a.steps) as u64;
+        let fin = denoise(
+            &sd,
+            scheduler.as_mut(),
+            &latents,
+            &text,
+            &DenoiseOptions {
+                guidance_scale: a.guidance_scale,
+            },
+            &mut rng,
+            &mut |i, _| pb.set_position(done_before + (i * b) as u64),
+        )?;
+        let images = decode_latents(&sd, &fin)?;
+        for (j, (w, h, rgb)) in to_rgb8(&images)?.into_iter().enumerate() {
+            let i = start + j;
+            let params = serde_json::json!({
+                "prompt": a.prompt,
+                "negative_prompt": a.negative_prompt,
+                "model": sd.source,
+                "scheduler": kind.to_string(),
+                "steps": a.steps,
+                "guidance_scale": a.guidance_scale,
+                "seed": if init.is_some() { serde_json::Value::Null } else { (a.seed.wrapping_add(i as u64)).into() },
+                "latents_file": a.latents.as_ref().map(|p| p.display().to_string()),
+                "height": height,
+                "width": width,
+                "clip_skip": a.clip_skip,
+                "dtype": a.dtype,
+                "agfsync_version": env!("CARGO_PKG_VERSION"),
+            });
+            let a1111 = format!(
+                "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
+                a.prompt,
+                a.negative_prompt,
+                a.steps,
+                kind,
+                a.guidance_scale,
+                a.seed.wrapping_add(i as u64),
+                width,
+                height,
+                sd.source
+            );
+            write_png(
+                &paths[i],
+                w,
+                h,
+                &rgb,
+                &[("parameters", a1111), ("agfsync", params.to_string())],
+            )?;
+        }
+        finals.push(
+            fin.to_dtype(DType::F32)?
+                .to_device(&candle_core::Device::Cpu)?,
+        );
+        start += b;
+    }
+    pb.finish_and_clear();
+    if let Some(p) = &a.save_latents {
+        let all = Tensor::cat(&finals, 0)?;
+        write_latents(p, &all)?;
+    }
+    for p in &paths {
+        println!("{}", p.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The Stable Diffusion text-to-image sampling loop, written out plainly:
+//! encode the prompt, prepare latents, denoise with classifier-free guidance,
+//! decode with the VAE.
+//!
+//! It mirrors diffusers' `StableDiffusionPipeline.__call__`, so the same
+//! initial latents, scheduler and settings give the same images.
+
+use agfsync_models::clip_text::TextLayer;
+use agfsync_models::nn::Pass;
+use agfsync_models::stable_diffusion::StableDiffusion;
+use agfsync_models::unet_2d_condition::AddedCondition;
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::rng::Generator;
+use crate::schedulers::Scheduler;
+
+/// Text conditioning for a batch: one row per image.
+#[derive(Clone, Debug)]
+pub struct TextConditioning {
+    /// Prompt embeddings, `[b, 77, d]`.
+    pub cond: Tensor,
+    /// Negative-prompt embeddings for classifier-free guidance, `[b, 77, d]`.
+    pub uncond: Option<Tensor>,
+    /// SDXL's added condition for the prompt and for the negative prompt.
+    pub added: Option<(AddedCondition, AddedCondition)>,
+}
+
+/// What [`encode_prompts`] found worth telling the user.
+#[derive(Clone, Debug, Default)]
+pub struct EncodeReport {
+    /// Prompts (by index) whose tokens past the 77th were dropped.
+    pub truncated: Vec<usize>,
+}
+
+/// Tokenizes and encodes prompts and, when `negatives` is given, negative
+/// prompts (one per prompt; "" for none), as diffusers' `encode_prompt` does.
+pub fn encode_prompts(
+    sd: &StableDiffusion,
+    prompts: &[String],
+    negatives: Option<&[String]>,
+    clip_skip: Option<usize>,
+) -> Result<(TextConditioning, EncodeReport)> {
+    let mut report = EncodeReport::default();
+    let layer = match clip_skip {
+        Some(k) if k > 0 => TextLayer::Skip(k),
+        _ => TextLayer::Last,
+    };
+    let cond = encode_texts(sd, prompts, layer, Some(&mut report))?;
+    let uncond = match negatives {
+        Some(n) => {
+            if n.len() != prompts.len() {
+                candle_core::bail!("{} negative prompts for {} prompts", n.len(), prompts.len());
+            }
+            // diffusers applies clip_skip to the prompt only; the negative
+            // prompt always uses the last layer. Matching it keeps parity.
+            Some(encode_texts(sd, n, TextLayer::Last, None)?)
+        }
+        None => None,
+    };
+    Ok((
+        TextConditioning {
+            cond,
+            uncond,
+            added: None,
+        },
+        report,
+    ))
+}
+
+fn encode_texts(
+    sd: &StableDiffusion,
+    texts: &[String],
+    layer: TextLayer,
+    mut report: Option<&mut EncodeReport>,
+) -> Result<Tensor> {
+    let max_len = sd.text_encoder.config().max_position_embeddings.min(77);
+    let mut rows = Vec::with_capacity(texts.len());
+    for (i, t) in texts.iter().enumerate() {
+        let enc = sd
+            .tokenizer
+            .encode_padded(t, max_len)
+            .map_err(|e| candle_core::Error::Msg(format!("tokenizing prompt {i}: {e}")))?;
+        if enc.truncated {
+            if let Some(r) = report.as_deref_mut() {
+                r.truncated.push(i);
+            }
+        }
+        rows.push(Tensor::new(enc.ids.as_slice(), sd.unet.device())?.unsqueeze(0)?);
+    }
+    let ids = Tensor::cat(&rows, 0)?;
+    let out = sd.text_encoder.forward(&ids, layer, Pass::INFERENCE)?;
+    out.hidden.to_dtype(sd.unet.dtype())
+}
+
+/// Everything the denoising loop needs besides the models.
+#[derive(Clone, Debug)]
+pub struct DenoiseOptions {
+    /// Classifier-free guidance scale; guidance is off at 1.0 or below.
+    pub guidance_scale: f64,
+}
+
+/// Shape of the initial latents for images of `height` x `width`.
+pub fn latent_shape(
+    sd: &StableDiffusion,
+    batch: usize,
+    height: usize,
+    width: usize,
+) -> Result<(usize, usize, usize, usize)> {
+    let f = sd.vae.config().scale_factor();
+    if height % f != 0 || width % f != 0 || height == 0 || width == 0 {
+        candle_core::bail!(
+            "height and width must be positive multiples of {f} for this model (got {height}x{width})"
+        );
+    }
+    Ok((batch, sd.unet.config().in_channels, height / f, width / f))
+}
+
+/// Draws initial latents from `rng` (unscaled, standard normal).
+pub fn random_latents(
+    rng: &mut Generator,
+    shape: (usize, usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    rng.randn(shape, DType::F32, device)
+}
+
+/// Runs the denoising loop from standard-normal `latents` (scaled here by
+/// the scheduler's `init_noise_sigma`, as diffusers does) and returns the
+/// final latents. `on_step(i, n)` is called after every step.
+pub fn denoise(
+    sd: &StableDiffusion,
+    scheduler: &mut dyn Scheduler,
+    latents: &Tensor,
+    text: &TextConditioning,
+    opts: &DenoiseOptions,
+    rng: &mut Generator,
+    on_step: &mut dyn FnMut(usize, usize),
+) -> Result<Tensor> {
+    let unet = &sd.unet;
+    let dtype = unet.dtype();
+    let b = latents.dim(0)?;
+    if text.cond.dim(0)? != b {
+        candle_core::bail!("{} latents but {} prompt embeddings", b, text.cond.dim(0)?);
+    }
+    let cfg = opts.guidance_scale > 1.0 && text.uncond.is_some();
+    // diffusers keeps latents in the UNet's dtype; the scheduler maths runs
+    // in f32 here for stability and is cast back.
+    let mut x = (latents.to_dtype(DType::F32)? * scheduler.init_noise_sigma())?;
+    let context = match (&text.uncond, cfg) {
+        (Some(u), true) => Tensor::cat(&[u, &text.cond], 0)?,
+        _ => text.cond.clone(),
+    };
+    let added = match (&text.added, cfg) {
+        (Some((c, u)), true) => Some(AddedCondition {
+            text_embeds: Tensor::cat(&[&u.text_embeds, &c.text_embeds], 0)?,
+            time_ids: Tensor::cat(&[&u.time_ids, &c.time_ids], 0)?,
+        }),
+        (Some((c, _)), false) => Some(c.clone()),
+        _ => None,
+    };
+    let timesteps = scheduler.timesteps().to_vec();
+    let n = timesteps.len();
+    for (i, &t) in timesteps.iter().enumerate() {
+        let model_in = if cfg {
+            Tensor::cat(&[&x, &x], 0)?
+        } else {
+            x.clone()
+        };
+        let model_in = scheduler.scale_model_input(&model_in, i)?;
+        let ts = Tensor::full(t as f32, model_in.dim(0)?, x.device())?;
+        let pred = unet
+            .forward(
+                &model_in.to_dtype(dtype)?,
+                &ts,
+                &context,
+                added.as_ref(),
+                Pass::INFERENCE,
+            )?
+            .to_dtype(DType::F32)?;
+        let pred = if cfg {
+            let uncond = pred.narrow(0, 0, b)?;
+            let cond = pred.narrow(0, b, b)?;
+            (&uncond + ((cond - &uncond)? * opts.guidance_scale)?)?
+        } else {
+            pred
+        };
+        x = scheduler.step(&pred, i, &x, rng)?;
+        on_step(i + 1, n);
+    }
+    Ok(x)
+}
+
+/// Decodes final latents to images in `[0, 1]`, `[b, 3, h, w]` f32.
+pub fn decode_latents(sd: &StableDiffusion, latents: &Tensor) -> Result<Tensor> {
+    let cfg = sd.vae.config();
+    let mut z = (latents.to_dtype(DType::F32)? / cfg.scaling_factor)?;
+    if let Some(shift) = cfg.shift_factor {
+        z = (z + shift)?;
+    }
+    let img = sd.vae.decode(&z, Pass::INFERENCE)?.to_dtype(DType::F32)?;
+    ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)
+}
+
+/// Converts `[b, 3, h, w]` images in `[0, 1]` to 8-bit RGB rows per image,
+/// rounding as diffusers' `numpy_to_pil` does (`(x * 255).round()`).
+pub fn to_rgb8(images: &Tensor) -> Result<Vec<(usize, usize, Vec<u8>)>> {
+    let (b, _, h, w) = images.dims4()?;
+    let hwc = images.permute((0, 2, 3, 1))?.contiguous()?;
+    let mut out = Vec::with_capacity(b);
+    for i in 0..b {
+        let px: Vec<f32> = hwc.get(i)?.flatten_all()?.to_vec1()?;
+        let bytes = px
+            .iter()
+            .map(|v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect();
+        out.push((w, h, bytes));
+    }
+    Ok(out)
+}
+
+/// Adds Gaussian noise to prompt embeddings: `e + ratio * N(0, I)`, the
+/// AGFSync diversity trick for candidates 1..N-1.
+pub fn perturb_embeddings(e: &Tensor, ratio: f64, rng: &mut Generator) -> Result<Tensor> {
+    let noise = rng.randn(e.dims(), DType::F32, e.device())?;
+    (e.to_dtype(DType::F32)? + (noise * ratio)?)?.to_dtype(e.dtype())
+}

@@ -1,0 +1,20 @@
+//! Neural networks of agfsync, on candle: our own UNet (per-sample timesteps,
+//! a differentiable training pass, LoRA slots), the CLIP text encoder, the KL
+//! autoencoder, and loading of Hugging Face layouts (diffusers pipeline folders,
+//! transformers folders, the hub cache).
+//!
+//! Model code returns `candle_core::Result`; loading returns [`ModelError`],
+//! which names the file at fault and how to fix it.
+
+pub mod autoencoder_kl;
+pub mod clip_text;
+pub mod clip_tokenizer;
+pub mod error;
+pub mod hub;
+pub mod nn;
+pub mod stable_diffusion;
+pub mod tiny;
+pub mod unet_2d_condition;
+pub mod weights;
+
+pub use error::{ModelError, Result};

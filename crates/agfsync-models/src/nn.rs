@@ -1,0 +1,474 @@
+//! Building blocks shared by every network in agfsync: linear and convolution
+//! layers with LoRA slots, normalisations, activations and attention.
+//!
+//! Every block takes a [`Pass`] telling it whether the forward must be
+//! differentiable. candle-nn's fused `softmax_last_dim`, `layer_norm` and
+//! `rms_norm` kernels are fast but record no gradient, so training through them
+//! silently drops gradients. The inference pass uses them; the training pass
+//! composes the same maths from primitive, differentiable ops.
+
+use std::sync::{Arc, RwLock};
+
+use candle_core::{DType, Result, Tensor, D};
+use candle_nn::{Init, VarBuilder};
+
+/// How a forward pass is run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pass {
+    /// Use only ops that record gradients (slower). When false, fused kernels
+    /// are used and every weight is detached, so no graph is built.
+    pub differentiable: bool,
+    /// Apply the LoRA adapters held in the model's slots. With adapters off the
+    /// model is its base weights: the Diffusion-DPO reference model.
+    pub adapters: bool,
+}
+
+impl Pass {
+    /// Fast inference with adapters applied.
+    pub const INFERENCE: Pass = Pass {
+        differentiable: false,
+        adapters: true,
+    };
+    /// Differentiable forward with adapters applied (the trained model).
+    pub const TRAIN: Pass = Pass {
+        differentiable: true,
+        adapters: true,
+    };
+    /// Fast forward of the base weights with every adapter disabled.
+    pub const REFERENCE: Pass = Pass {
+        differentiable: false,
+        adapters: false,
+    };
+
+    /// Returns `w` itself on a differentiable pass and a detached copy (no
+    /// gradient tracking, no graph kept alive) otherwise.
+    pub fn weight(&self, w: &Tensor) -> Tensor {
+        if self.differentiable {
+            w.clone()
+        } else {
+            w.detach()
+        }
+    }
+}
+
+/// One low-rank adapter on a linear layer: `y += scale * up(down(x))`.
+#[derive(Clone, Debug)]
+pub struct LoraAdapter {
+    /// Name of the adapter (several may be active at once).
+    pub name: String,
+    /// Down projection, shape `[rank, in_features]` (PEFT's `lora_A`).
+    pub down: Tensor,
+    /// Up projection, shape `[out_features, rank]` (PEFT's `lora_B`).
+    pub up: Tensor,
+    /// Multiplier applied to the adapter's output (`alpha / rank * weight`).
+    pub scale: f64,
+}
+
+/// The adapters attached to one layer. Shared between the layer and the
+/// model's [`LoraRegistry`], so adapters can be added after loading.
+#[derive(Debug, Default)]
+pub struct LoraSlot {
+    adapters: RwLock<Vec<LoraAdapter>>,
+}
+
+impl LoraSlot {
+    /// Adds an adapter to this layer.
+    pub fn push(&self, adapter: LoraAdapter) {
+        self.write().push(adapter);
+    }
+
+    /// Removes every adapter with the given name; returns how many were removed.
+    pub fn remove(&self, name: &str) -> usize {
+        let mut adapters = self.write();
+        let before = adapters.len();
+        adapters.retain(|a| a.name != name);
+        before - adapters.len()
+    }
+
+    /// A copy of the adapters currently attached.
+    pub fn adapters(&self) -> Vec<LoraAdapter> {
+        match self.adapters.read() {
+            Ok(a) => a.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<LoraAdapter>> {
+        // A panic while holding the lock cannot leave the Vec half-written in a
+        // way that matters here, so a poisoned lock is simply recovered.
+        match self.adapters.write() {
+            Ok(a) => a,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+/// Every LoRA slot of a model, by the module path of its layer (for example
+/// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`).
+#[derive(Clone, Debug, Default)]
+pub struct LoraRegistry {
+    slots: Arc<RwLock<Vec<(String, Arc<LoraSlot>)>>>,
+}
+
+impl LoraRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn register(&self, path: String, slot: Arc<LoraSlot>) {
+        let mut slots = match self.slots.write() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        slots.push((path, slot));
+    }
+
+    /// All slots, in construction order.
+    pub fn slots(&self) -> Vec<(String, Arc<LoraSlot>)> {
+        match self.slots.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The slot of the layer at `path`, if that layer has one.
+    pub fn get(&self, path: &str) -> Option<Arc<LoraSlot>> {
+        self.slots()
+            .into_iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, s)| s)
+    }
+}
+
+/// Default initialisation used when a model is built from a [`candle_nn::VarMap`]
+/// (random tiny checkpoints, gradient checks); ignored when weights are loaded.
+const WEIGHT_INIT: Init = candle_nn::init::DEFAULT_KAIMING_UNIFORM;
+const BIAS_INIT: Init = Init::Uniform { lo: -0.1, up: 0.1 };
+const NORM_WEIGHT_INIT: Init = Init::Uniform { lo: 0.8, up: 1.2 };
+
+/// A linear layer `y = x W^T + b` with an optional LoRA slot.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    lora: Option<Arc<LoraSlot>>,
+}
+
+impl Linear {
+    /// Loads `weight` (`[out, in]`) and, when `bias` is set, `bias` from `vb`.
+    pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints((out_dim, in_dim), "weight", WEIGHT_INIT)?;
+        let bias = if bias {
+            Some(vb.get_with_hints(out_dim, "bias", BIAS_INIT)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+        })
+    }
+
+    /// Like [`Linear::new`], and registers a LoRA slot under the module path.
+    pub fn new_lora(
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        vb: VarBuilder,
+        registry: &LoraRegistry,
+    ) -> Result<Self> {
+        let path = vb.prefix();
+        let mut lin = Self::new(in_dim, out_dim, bias, vb)?;
+        let slot = Arc::new(LoraSlot::default());
+        registry.register(path, slot.clone());
+        lin.lora = Some(slot);
+        Ok(lin)
+    }
+
+    /// The weight matrix, `[out, in]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Applies the layer to `x` of shape `[..., in]`.
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let w = pass.weight(&self.weight);
+        let y = matmul_last(x, &w)?;
+        let mut y = match &self.bias {
+            Some(b) => y.broadcast_add(&pass.weight(b))?,
+            None => y,
+        };
+        if pass.adapters {
+            if let Some(slot) = &self.lora {
+                for a in slot.adapters() {
+                    let down = pass.weight(&a.down).to_dtype(x.dtype())?;
+                    let up = pass.weight(&a.up).to_dtype(x.dtype())?;
+                    let h = matmul_last(&matmul_last(x, &down)?, &up)?;
+                    y = (y + (h * a.scale)?)?;
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+/// `x W^T` for `x` of shape `[..., in]` and `w` of shape `[out, in]`, as one
+/// matrix product over the flattened leading dimensions.
+fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let in_dim = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_dim.max(1);
+    let mut out_dims = dims.to_vec();
+    let last = out_dims.len() - 1;
+    out_dims[last] = w.dim(0)?;
+    x.reshape((rows, in_dim))?
+        .matmul(&w.t()?)?
+        .reshape(out_dims.as_slice())
+}
+
+/// A 2D convolution with square kernels, as `torch.nn.Conv2d` stores it.
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    /// Loads a `[out, in, k, k]` kernel and its bias from `vb`.
+    pub fn new(
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let weight = vb.get_with_hints((out_c, in_c, kernel, kernel), "weight", WEIGHT_INIT)?;
+        let bias = Some(vb.get_with_hints(out_c, "bias", BIAS_INIT)?);
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+
+    /// Applies the convolution to `x` of shape `[b, c, h, w]`.
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let w = pass.weight(&self.weight);
+        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
+        match &self.bias {
+            Some(b) => {
+                let b = pass.weight(b).reshape((1, (), 1, 1))?;
+                y.broadcast_add(&b)
+            }
+            None => Ok(y),
+        }
+    }
+}
+
+/// Group normalisation over `[b, c, ...]` inputs, statistics in f32 for half
+/// precision inputs (as PyTorch's CPU and CUDA kernels do).
+#[derive(Clone, Debug)]
+pub struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    /// Loads `weight` and `bias` (`[channels]`); `groups` must divide `channels`.
+    pub fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if groups == 0 || channels % groups != 0 {
+            candle_core::bail!(
+                "{}: norm_num_groups ({groups}) must divide the channel count ({channels})",
+                vb.prefix()
+            );
+        }
+        let weight = vb.get_with_hints(channels, "weight", NORM_WEIGHT_INIT)?;
+        let bias = vb.get_with_hints(channels, "bias", BIAS_INIT)?;
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+
+    /// Normalises `x`; always built from differentiable primitives.
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (b, c) = (dims[0], dims[1]);
+        let dtype = x.dtype();
+        let work = internal_dtype(dtype);
+        let per_group = x.elem_count() / (b * self.groups);
+        let xg = x.reshape((b, self.groups, per_group))?.to_dtype(work)?;
+        let mean = (xg.sum_keepdim(2)? / per_group as f64)?;
+        let xc = xg.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(2)? / per_group as f64)?;
+        let xn = xc.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let xn = xn.to_dtype(dtype)?.reshape(dims.as_slice())?;
+        let mut shape = vec![1usize; dims.len()];
+        shape[1] = c;
+        let w = pass.weight(&self.weight).reshape(shape.as_slice())?;
+        let bias = pass.weight(&self.bias).reshape(shape.as_slice())?;
+        xn.broadcast_mul(&w)?.broadcast_add(&bias)
+    }
+}
+
+/// Layer normalisation over the last dimension with affine parameters.
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    /// Loads `weight` and `bias` (`[dim]`).
+    pub fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", NORM_WEIGHT_INIT)?;
+        let bias = vb.get_with_hints(dim, "bias", BIAS_INIT)?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    /// Normalises the last dimension of `x`: the fused kernel on inference
+    /// passes, differentiable primitives on training passes.
+    pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        if !pass.differentiable {
+            let x = x.contiguous()?;
+            return candle_nn::ops::layer_norm(
+                &x,
+                &self.weight.detach(),
+                &self.bias.detach(),
+                self.eps as f32,
+            );
+        }
+        let dtype = x.dtype();
+        let work = internal_dtype(dtype);
+        let n = x.dim(D::Minus1)? as f64;
+        let x = x.to_dtype(work)?;
+        let mean = (x.sum_keepdim(D::Minus1)? / n)?;
+        let xc = x.broadcast_sub(&mean)?;
+        let var = (xc.sqr()?.sum_keepdim(D::Minus1)? / n)?;
+        let xn = xc
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?;
+        xn.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
+    }
+}
+
+fn internal_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
+/// Softmax over the last dimension, in f32 for half-precision inputs.
+pub fn softmax_last_dim(x: &Tensor, pass: Pass) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(internal_dtype(dtype))?;
+    let y = if pass.differentiable {
+        candle_nn::ops::softmax(&x, D::Minus1)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&x.contiguous()?)?
+    };
+    y.to_dtype(dtype)
+}
+
+/// SiLU, `x * sigmoid(x)`.
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.silu()
+}
+
+/// CLIP's `quick_gelu`, `x * sigmoid(1.702 x)`.
+pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
+}
+
+/// An activation function named as Hugging Face configs name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` / `swish`.
+    Silu,
+    /// `gelu`: the exact, erf-based GELU.
+    Gelu,
+    /// `gelu_new` / `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    /// `quick_gelu`.
+    QuickGelu,
+}
+
+impl Activation {
+    /// Parses a config's activation name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu" => Some(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Self::GeluTanh),
+            "quick_gelu" => Some(Self::QuickGelu),
+            _ => None,
+        }
+    }
+
+    /// Applies the activation.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => x.silu(),
+            Self::Gelu => x.gelu_erf(),
+            Self::GeluTanh => x.gelu(),
+            Self::QuickGelu => quick_gelu(x),
+        }
+    }
+}
+
+/// Scaled dot-product attention over `[batch*heads, n, d]` tensors.
+///
+/// `bias` is added to the scores before the softmax (causal masks).
+/// With `upcast`, scores and softmax are computed in f32.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+    upcast: bool,
+    pass: Pass,
+) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let (q, k) = if upcast {
+        (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+    } else {
+        (q.clone(), k.clone())
+    };
+    let scores = (q.matmul(&k.t()?)? * scale)?;
+    let scores = match bias {
+        Some(b) => scores.broadcast_add(&b.to_dtype(scores.dtype())?)?,
+        None => scores,
+    };
+    let probs = softmax_last_dim(&scores, pass)?.to_dtype(dtype)?;
+    probs.matmul(v)
+}
+
+/// Splits `[b, n, heads*d]` into `[b*heads, n, d]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, n, c) = x.dims3()?;
+    x.reshape((b, n, heads, c / heads))?
+        .transpose(1, 2)?
+        .reshape((b * heads, n, c / heads))?
+        .contiguous()
+}
+
+/// Merges `[b*heads, n, d]` back into `[b, n, heads*d]`.
+pub fn merge_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (bh, n, d) = x.dims3()?;
+    x.reshape((bh / heads, heads, n, d))?
+        .transpose(1, 2)?
+        .reshape((bh / heads, n, heads * d))
+}

@@ -1,0 +1,279 @@
+//! Loading a diffusers Stable Diffusion pipeline folder (`model_index.json`,
+//! `unet/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, and for SDXL
+//! `text_encoder_2/`, `tokenizer_2/`) from a local folder or the hub cache.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use serde::Deserialize;
+
+use crate::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
+use crate::clip_text::{ClipTextConfig, ClipTextModel};
+use crate::clip_tokenizer::ClipTokenizer;
+use crate::error::{read_json, read_to_string, ModelError, Result};
+use crate::hub::{find_weights, ModelSource};
+use crate::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::weights::open_safetensors;
+
+/// The Stable Diffusion family of a pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum SdFamily {
+    /// SD 1.x: one CLIP ViT-L text encoder, 768-wide conditioning.
+    V1,
+    /// SD 2.x: one OpenCLIP ViT-H text encoder, 1024-wide conditioning.
+    V2,
+    /// SDXL: two text encoders and micro-conditioning.
+    Xl,
+}
+
+/// `model_index.json`: the pipeline class and its components.
+#[derive(Clone, Debug)]
+pub struct ModelIndex {
+    /// `_class_name`, e.g. `StableDiffusionPipeline`.
+    pub class_name: String,
+    /// Component name to `(library, class)`, e.g. `unet -> (diffusers, UNet2DConditionModel)`.
+    pub components: BTreeMap<String, (Option<String>, Option<String>)>,
+}
+
+impl ModelIndex {
+    /// Parses `model_index.json` text.
+    pub fn from_json(text: &str) -> serde_json::Result<Self> {
+        let v: BTreeMap<String, serde_json::Value> = serde_json::from_str(text)?;
+        let mut class_name = String::new();
+        let mut components = BTreeMap::new();
+        for (k, val) in v {
+            if k == "_class_name" {
+                class_name = val.as_str().unwrap_or_default().to_string();
+            } else if k.starts_with('_') {
+                continue;
+            } else if let Some(arr) = val.as_array() {
+                let lib = arr.first().and_then(|x| x.as_str()).map(String::from);
+                let class = arr.get(1).and_then(|x| x.as_str()).map(String::from);
+                components.insert(k, (lib, class));
+            }
+        }
+        Ok(Self {
+            class_name,
+            components,
+        })
+    }
+
+    /// True when the component exists and is not null in the index.
+    pub fn has(&self, name: &str) -> bool {
+        matches!(self.components.get(name), Some((Some(_), Some(_))))
+    }
+}
+
+/// How to load a pipeline.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Compute dtype of the networks.
+    pub dtype: DType,
+    /// Device to load onto.
+    pub device: Device,
+    /// Weights variant to prefer (`fp16`), falling back to the plain files.
+    pub variant: Option<String>,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: None,
+        }
+    }
+}
+
+/// A loaded Stable Diffusion pipeline: its networks, tokenizers and the raw
+/// scheduler config (parsed by agfsync-diffusion).
+#[derive(Debug)]
+pub struct StableDiffusion {
+    /// Which family the pipeline belongs to.
+    pub family: SdFamily,
+    /// The pipeline index.
+    pub index: ModelIndex,
+    /// The denoising UNet.
+    pub unet: UNet2DConditionModel,
+    /// The autoencoder.
+    pub vae: AutoencoderKl,
+    /// The (first) text encoder.
+    pub text_encoder: ClipTextModel,
+    /// The (first) tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// SDXL's second text encoder (with projection).
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// SDXL's second tokenizer.
+    pub tokenizer_2: Option<ClipTokenizer>,
+    /// `scheduler/scheduler_config.json`, as text.
+    pub scheduler_config: String,
+    /// Where the pipeline came from, for records and messages.
+    pub source: String,
+}
+
+#[derive(Deserialize)]
+struct ForceZeros {
+    #[serde(default)]
+    force_zeros_for_empty_prompt: Option<bool>,
+}
+
+impl StableDiffusion {
+    /// Loads every component of the pipeline at `src`.
+    pub fn load(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let index_path = src.file("model_index.json").map_err(|e| {
+            ModelError::Unsupported(format!(
+                "{e}\n{} is not a diffusers pipeline folder: model_index.json is missing. Point --model at a folder saved by diffusers' save_pretrained (or a hub id of one)",
+                src.describe("")
+            ))
+        })?;
+        let index = ModelIndex::from_json(&read_to_string(&index_path)?).map_err(|source| {
+            ModelError::Config {
+                path: index_path.clone(),
+                what: "model_index.json",
+                source,
+            }
+        })?;
+        for needed in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
+            if !index.has(needed) {
+                return Err(ModelError::Unsupported(format!(
+                    "{}: the pipeline has no `{needed}` component (pipeline class `{}`)",
+                    index_path.display(),
+                    index.class_name
+                )));
+            }
+        }
+        let variant = opts.variant.as_deref();
+        let unet_cfg_path = src.file("unet/config.json")?;
+        let unet_cfg: UNet2DConditionConfig = read_json(&unet_cfg_path, "UNet config")?;
+        let unet_files = find_weights(src, "unet", "diffusion_pytorch_model", variant)?;
+        let vb = open_safetensors(&unet_files, opts.dtype, &opts.device)?;
+        let unet =
+            UNet2DConditionModel::new(&unet_cfg, vb).map_err(|source| ModelError::Build {
+                component: "unet".into(),
+                dir: parent(&unet_cfg_path),
+                source,
+            })?;
+
+        let vae_cfg_path = src.file("vae/config.json")?;
+        let vae_cfg: AutoencoderKlConfig = read_json(&vae_cfg_path, "VAE config")?;
+        // diffusers runs VAEs flagged force_upcast (SDXL's) in f32: they
+        // overflow in f16.
+        let vae_dtype = if vae_cfg.force_upcast == Some(true) && opts.dtype == DType::F16 {
+            DType::F32
+        } else {
+            opts.dtype
+        };
+        let vae_files = find_weights(src, "vae", "diffusion_pytorch_model", variant)?;
+        let vb = open_safetensors(&vae_files, vae_dtype, &opts.device)?;
+        let vae = AutoencoderKl::new(&vae_cfg, vb).map_err(|source| ModelError::Build {
+            component: "vae".into(),
+            dir: parent(&vae_cfg_path),
+            source,
+        })?;
+
+        let text_encoder = load_text_encoder(src, "text_encoder", false, opts)?;
+        let tokenizer = load_tokenizer(src, "tokenizer")?;
+        let (text_encoder_2, tokenizer_2) = if index.has("text_encoder_2") {
+            (
+                Some(load_text_encoder(src, "text_encoder_2", true, opts)?),
+                Some(
+                    load_tokenizer(src, "tokenizer_2")
+                        .or_else(|_| load_tokenizer(src, "tokenizer"))?,
+                ),
+            )
+        } else {
+            (None, None)
+        };
+        let sched_path = src.file("scheduler/scheduler_config.json")?;
+        let scheduler_config = read_to_string(&sched_path)?;
+
+        let family = if text_encoder_2.is_some() || unet_cfg.addition_embed_type.is_some() {
+            SdFamily::Xl
+        } else if text_encoder.config().hidden_act == "gelu" {
+            SdFamily::V2
+        } else {
+            SdFamily::V1
+        };
+        if family == SdFamily::Xl && text_encoder_2.is_none() {
+            return Err(ModelError::Unsupported(format!(
+                "{}: an SDXL UNet needs text_encoder_2, which the pipeline lacks",
+                src.describe("")
+            )));
+        }
+        Ok(Self {
+            family,
+            index,
+            unet,
+            vae,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            tokenizer_2,
+            scheduler_config,
+            source: src.python_spec(),
+        })
+    }
+
+    /// SDXL's `force_zeros_for_empty_prompt` from model_index.json (default true
+    /// for SDXL pipelines, as diffusers does).
+    pub fn force_zeros_for_empty_prompt(src: &ModelSource) -> bool {
+        src.file("model_index.json")
+            .ok()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<ForceZeros>(&t).ok())
+            .and_then(|f| f.force_zeros_for_empty_prompt)
+            .unwrap_or(true)
+    }
+}
+
+fn parent(p: &std::path::Path) -> PathBuf {
+    p.parent().map(PathBuf::from).unwrap_or_default()
+}
+
+fn load_text_encoder(
+    src: &ModelSource,
+    sub: &str,
+    with_projection: bool,
+    opts: &LoadOptions,
+) -> Result<ClipTextModel> {
+    let cfg_path = src.file(&format!("{sub}/config.json"))?;
+    let cfg = ClipTextConfig::from_json(&read_to_string(&cfg_path)?).map_err(|source| {
+        ModelError::Config {
+            path: cfg_path.clone(),
+            what: "CLIP text config",
+            source,
+        }
+    })?;
+    let files = find_weights(src, sub, "model", opts.variant.as_deref())?;
+    let vb = open_safetensors(&files, opts.dtype, &opts.device)?;
+    let proj = with_projection || cfg.has_projection();
+    ClipTextModel::new(&cfg, proj, vb).map_err(|source| ModelError::Build {
+        component: sub.to_string(),
+        dir: parent(&cfg_path),
+        source,
+    })
+}
+
+fn load_tokenizer(src: &ModelSource, sub: &str) -> Result<ClipTokenizer> {
+    // Fetch whichever tokenizer files exist so hub sources have them locally.
+    let mut dir = None;
+    for f in [
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        if let Some(p) = src.optional_file(&format!("{sub}/{f}"))? {
+            dir = p.parent().map(PathBuf::from);
+        }
+    }
+    let dir = dir.ok_or_else(|| {
+        ModelError::Unsupported(format!(
+            "{}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt)",
+            src.describe(sub)
+        ))
+    })?;
+    Ok(ClipTokenizer::from_dir(&dir)?)
+}
