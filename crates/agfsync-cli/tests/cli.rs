@@ -1,0 +1,366 @@
+//! End-to-end tests of the `agfsync` binary on temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_agfsync"));
+    c.env("HF_HUB_OFFLINE", "1").env("RUST_BACKTRACE", "1");
+    c
+}
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/parity")
+}
+
+fn run(args: &[&str]) -> Result<Output> {
+    bin().args(args).output().context("running agfsync")
+}
+
+/// Asserts a clean failure: exit code 1 (not a panic's 101), a message that
+/// contains `needle`, and no backtrace noise.
+fn assert_clean_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    assert!(!stderr.contains("   0: "), "backtrace in: {stderr}");
+}
+
+fn read_png(path: &Path) -> Result<(u32, u32, Vec<u8>, Vec<(String, String)>)> {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path)?));
+    let mut reader = dec.read_info()?;
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf)?;
+    buf.truncate(info.buffer_size());
+    let texts = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    Ok((info.width, info.height, buf, texts))
+}
+
+fn tiny_models(dir: &Path) -> Result<PathBuf> {
+    let out = run(&[
+        "tiny-models",
+        dir.to_str().context("utf8")?,
+        "--preset",
+        "sd15",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(dir.join("tiny-sd15"))
+}
+
+#[test]
+fn sample_on_a_diffusers_folder_reproduces_diffusers_images() -> Result<()> {
+    // The pipeline folder was saved by diffusers itself; the reference image
+    // is diffusers' float output for the same initial latents.
+    let tmp = tempfile::tempdir()?;
+    let refs = candle_core::safetensors::load(
+        fixtures().join("ref-tiny-sd15-sample-ddim.safetensors"),
+        &Device::Cpu,
+    )?;
+    let latents_file = tmp.path().join("init.safetensors");
+    let mut m = std::collections::HashMap::new();
+    m.insert("latents".to_string(), refs["init_latents"].clone());
+    candle_core::safetensors::save(&m, &latents_file)?;
+    let png_out = tmp.path().join("img.png");
+    let lat_out = tmp.path().join("final.safetensors");
+    let model = fixtures().join("tiny-sd15");
+    let out = run(&[
+        "sample",
+        "--model",
+        model.to_str().context("utf8")?,
+        "--prompt",
+        "a red cube on a blue table",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "8",
+        "--guidance-scale",
+        "7.5",
+        "--scheduler",
+        "ddim",
+        "--height",
+        "32",
+        "--width",
+        "32",
+        "--latents",
+        latents_file.to_str().context("utf8")?,
+        "--out",
+        png_out.to_str().context("utf8")?,
+        "--save-latents",
+        lat_out.to_str().context("utf8")?,
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (w, h, rgb, texts) = read_png(&png_out)?;
+    assert_eq!((w, h), (32, 32));
+    let ours = Tensor::from_vec(rgb, (1, 32, 32, 3), &Device::Cpu)?.to_dtype(DType::F32)? / 255.0;
+    let theirs = &refs["image"];
+    let mse: f32 = (ours? - theirs)?.sqr()?.mean_all()?.to_scalar()?;
+    let psnr = 10.0 * (1.0 / mse as f64).log10();
+    assert!(psnr > 40.0, "PSNR {psnr:.1} dB");
+    let fin = candle_core::safetensors::load(&lat_out, &Device::Cpu)?;
+    let d: f32 = (&fin["latents"] - &refs["final_latents"])?
+        .abs()?
+        .max_all()?
+        .to_scalar()?;
+    assert!(d < 1e-3, "final latents differ by {d}");
+    // Generation parameters travel with the image.
+    let params = texts
+        .iter()
+        .find(|(k, _)| k == "agfsync")
+        .context("no agfsync text chunk")?;
+    let v: serde_json::Value = serde_json::from_str(&params.1)?;
+    assert_eq!(v["prompt"], "a red cube on a blue table");
+    assert_eq!(v["steps"], 8);
+    assert_eq!(v["scheduler"], "ddim");
+    assert!(texts
+        .iter()
+        .any(|(k, t)| k == "parameters" && t.contains("Steps: 8")));
+    Ok(())
+}
+
+#[test]
+fn sample_writes_numbered_images_and_is_reproducible() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = tiny_models(tmp.path())?;
+    let m = model.to_str().context("utf8")?;
+    let go = |out: &str| -> Result<Output> {
+        run(&[
+            "sample",
+            "--model",
+            m,
+            "--prompt",
+            "a cat",
+            "--steps",
+            "3",
+            "--num-images",
+            "3",
+            "--batch-size",
+            "2",
+            "--seed",
+            "42",
+            "--scheduler",
+            "euler-ancestral",
+            "--out",
+            out,
+        ])
+    };
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    for d in [&a, &b] {
+        let o = go(d.to_str().context("utf8")?)?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    for i in 0..3 {
+        let name = format!("{i:05}.png");
+        let (_, _, pa, _) = read_png(&a.join(&name))?;
+        let (_, _, pb, _) = read_png(&b.join(&name))?;
+        assert_eq!(pa, pb, "image {i} differs between identical runs");
+    }
+    let (_, _, p0, _) = read_png(&a.join("00000.png"))?;
+    let (_, _, p1, _) = read_png(&a.join("00001.png"))?;
+    assert_ne!(p0, p1, "different seeds gave the same image");
+    Ok(())
+}
+
+#[test]
+fn every_scheduler_samples_the_tiny_model() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = tiny_models(tmp.path())?;
+    for s in [
+        "ddim",
+        "euler",
+        "euler-ancestral",
+        "dpm++2m",
+        "dpm++2m-karras",
+    ] {
+        let out = tmp.path().join(format!("{s}.png"));
+        let o = run(&[
+            "sample",
+            "--model",
+            model.to_str().context("utf8")?,
+            "--prompt",
+            "a dog",
+            "--steps",
+            "4",
+            "--scheduler",
+            s,
+            "--out",
+            out.to_str().context("utf8")?,
+        ])?;
+        assert!(
+            o.status.success(),
+            "{s}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let (w, h, _, _) = read_png(&out)?;
+        assert_eq!((w, h), (32, 32), "{s}");
+    }
+    Ok(())
+}
+
+#[test]
+fn unknown_scheduler_is_a_clean_error() -> Result<()> {
+    let model = fixtures().join("tiny-sd15");
+    let out = run(&[
+        "sample",
+        "--model",
+        model.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+        "--scheduler",
+        "heun9000",
+    ])?;
+    assert_clean_error(&out, "unknown scheduler `heun9000`");
+    assert_clean_error(&out, "euler-ancestral");
+    Ok(())
+}
+
+#[test]
+fn latents_of_the_wrong_shape_are_a_clean_error() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let f = tmp.path().join("bad.safetensors");
+    let mut m = std::collections::HashMap::new();
+    m.insert(
+        "latents".to_string(),
+        Tensor::zeros((1, 4, 5, 5), DType::F32, &Device::Cpu)?,
+    );
+    candle_core::safetensors::save(&m, &f)?;
+    let model = fixtures().join("tiny-sd15");
+    let out = run(&[
+        "sample",
+        "--model",
+        model.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+        "--latents",
+        f.to_str().context("utf8")?,
+        "--out",
+        tmp.path().join("o.png").to_str().context("utf8")?,
+    ])?;
+    assert_clean_error(&out, "[1, 4, 16, 16]");
+    assert!(!tmp.path().join("o.png").exists());
+    Ok(())
+}
+
+#[test]
+fn latents_file_without_latents_tensor_is_a_clean_error() -> Result<()> {
+    let model = fixtures().join("tiny-sd15");
+    let f = fixtures().join("ref-tiny-sd15-unet.safetensors");
+    let out = run(&[
+        "sample",
+        "--model",
+        model.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+        "--latents",
+        f.to_str().context("utf8")?,
+    ])?;
+    assert_clean_error(&out, "no tensor named `latents`");
+    Ok(())
+}
+
+#[test]
+fn missing_model_is_a_clean_error_naming_where_it_looked() -> Result<()> {
+    let out = run(&["sample", "--model", "nobody/no-such-model", "--prompt", "x"])?;
+    assert_clean_error(&out, "models--nobody--no-such-model");
+    Ok(())
+}
+
+#[test]
+fn truncated_weights_are_a_clean_error() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = tiny_models(tmp.path())?;
+    let f = model.join("text_encoder/model.safetensors");
+    let bytes = std::fs::read(&f)?;
+    std::fs::write(&f, &bytes[..bytes.len() - 100])?;
+    let out = run(&[
+        "sample",
+        "--model",
+        model.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+    ])?;
+    assert_clean_error(&out, "text_encoder/model.safetensors");
+    Ok(())
+}
+
+#[test]
+fn long_prompt_is_truncated_with_a_warning() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let prompt = vec!["word"; 120].join(" ");
+    let model = fixtures().join("tiny-sd15");
+    let out = run(&[
+        "sample",
+        "--model",
+        model.to_str().context("utf8")?,
+        "--prompt",
+        &prompt,
+        "--steps",
+        "2",
+        "--out",
+        tmp.path().join("o.png").to_str().context("utf8")?,
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("truncated"));
+    Ok(())
+}
+
+#[test]
+fn bf16_on_cpu_and_bad_sizes_are_clean_errors() -> Result<()> {
+    let model = fixtures().join("tiny-sd15");
+    let m = model.to_str().context("utf8")?;
+    assert_clean_error(
+        &run(&["sample", "--model", m, "--prompt", "x", "--dtype", "bf16"])?,
+        "CUDA",
+    );
+    assert_clean_error(
+        &run(&["sample", "--model", m, "--prompt", "x", "--height", "33"])?,
+        "multiples",
+    );
+    assert_clean_error(
+        &run(&["sample", "--model", m, "--prompt", "x", "--steps", "0"])?,
+        "--steps",
+    );
+    assert_clean_error(
+        &run(&["sample", "--model", m, "--prompt", "x", "--device", "tpu"])?,
+        "cpu, cuda",
+    );
+    Ok(())
+}
+
+#[test]
+fn help_explains_the_sample_flags() -> Result<()> {
+    let out = run(&["sample", "--help"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--latents",
+        "--save-latents",
+        "--scheduler",
+        "--guidance-scale",
+        "--num-images",
+        "--dtype",
+    ] {
+        assert!(text.contains(flag), "missing {flag} in --help");
+    }
+    Ok(())
+}
