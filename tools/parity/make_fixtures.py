@@ -662,182 +662,8 @@ def make_fp16_variant(unet_f32, out_root: Path, t_unet):
     return shapes_of(t)
 
 
-# --------------------------------------------------------------------------------------
-# 1d. schedulers
-# --------------------------------------------------------------------------------------
-
-MODEL_FORMULA = (
-    "x_in = scheduler.scale_model_input(sample, t); "
-    "model_output = 0.3 * x_in + 0.1 * sin(t / 100)  (t = the scheduler timestep value as float, "
-    "sin computed in f64 then added in f32)"
-)
-NOISE_FORMULA = (
-    "noise injected in place of randn at step index i (0-based loop index): "
-    "noise[j] = cos(0.7 * (j + 1) + 1.3 * i) for flat element index j of shape [1,2,3,3] (f32)"
-)
-
-
-def base_sample():
-    j = torch.arange(18, dtype=torch.float64)
-    return torch.sin(1.7 * j + 0.3).to(torch.float32).reshape(1, 2, 3, 3)
-
-
-def det_noise(i):
-    j = torch.arange(18, dtype=torch.float64)
-    return torch.cos(0.7 * (j + 1) + 1.3 * i).to(torch.float32).reshape(1, 2, 3, 3)
-
-
-class _NoisePatch:
-    """Replace randn_tensor in stochastic scheduler modules by det_noise(current step)."""
-
-    def __init__(self):
-        import diffusers.schedulers.scheduling_ddpm as m1
-        import diffusers.schedulers.scheduling_euler_ancestral_discrete as m2
-
-        self.mods = [m1, m2]
-        self.step = 0
-
-    def __enter__(self):
-        self.orig = [m.randn_tensor for m in self.mods]
-
-        def fake(shape, generator=None, device=None, dtype=None, layout=None):
-            n = det_noise(self.step)
-            assert tuple(n.shape) == tuple(shape), (shape, n.shape)
-            return n.to(dtype=dtype or torch.float32)
-
-        for m in self.mods:
-            m.randn_tensor = fake
-        return self
-
-    def __exit__(self, *a):
-        for m, o in zip(self.mods, self.orig):
-            m.randn_tensor = o
-
-
-SCHED_CLASSES = [
-    ("DDIMScheduler", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}, {"eta": 0.0}, "deterministic"),
-    ("EulerDiscreteScheduler", EulerDiscreteScheduler, {}, {}, "deterministic"),
-    ("EulerAncestralDiscreteScheduler", EulerAncestralDiscreteScheduler, {}, {}, "injected_noise"),
-    ("DPMSolverMultistepScheduler", DPMSolverMultistepScheduler,
-     {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}, "deterministic"),
-    ("DPMSolverMultistepScheduler+karras", DPMSolverMultistepScheduler,
-     {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}, {}, "deterministic"),
-    ("DDPMScheduler", DDPMScheduler, {"clip_sample": False, "variance_type": "fixed_small"}, {}, "injected_noise"),
-]
-
-BETAS = {"linear": (0.00085, 0.012), "scaled_linear": (0.00085, 0.012), "squaredcos_cap_v2": (0.00085, 0.012)}
-
-
-def sched_grid():
-    """(beta_schedule, timestep_spacing, steps_offset, prediction_type, num_inference_steps)."""
-    g = []
-    for beta in ["linear", "scaled_linear", "squaredcos_cap_v2"]:  # main grid: offset 1, epsilon
-        for sp in ["leading", "trailing", "linspace"]:
-            for n in [1, 8, 25]:
-                g.append((beta, sp, 1, "epsilon", n))
-    for sp in ["leading", "trailing", "linspace"]:  # steps_offset 0
-        for n in [1, 8, 25]:
-            g.append(("scaled_linear", sp, 0, "epsilon", n))
-    for beta in ["scaled_linear", "squaredcos_cap_v2"]:  # v-prediction
-        for sp in ["leading", "trailing", "linspace"]:
-            for n in [8, 25]:
-                g.append((beta, sp, 1, "v_prediction", n))
-    return g
-
-
-def run_schedule_case(cls, extra_cfg, step_kw, mode, beta, sp, off, pred, n):
-    bs, be = BETAS[beta]
-    cfg = dict(num_train_timesteps=1000, beta_start=bs, beta_end=be, beta_schedule=beta, timestep_spacing=sp,
-               steps_offset=off, prediction_type=pred, **extra_cfg)
-    s = cls(**cfg)
-    s.set_timesteps(n)
-    rec = {
-        "config": {k: (v if not (isinstance(v, float) and not math.isfinite(v)) else str(v))
-                   for k, v in dict(s.config).items() if not k.startswith("_")},
-        "num_inference_steps": n,
-        "timesteps": num_list(s.timesteps),
-        "sigmas": f32_list(s.sigmas) if getattr(s, "sigmas", None) is not None else None,
-        "init_noise_sigma": float(s.init_noise_sigma),
-        "order": getattr(s, "order", 1),
-        "trajectory_mode": mode,
-    }
-    sample = base_sample() * s.init_noise_sigma
-    try:
-        with _NoisePatch() as patch:
-            for i, t in enumerate(s.timesteps):
-                patch.step = i
-                x_in = s.scale_model_input(sample, t)
-                c = 0.1 * math.sin(float(t) / 100.0)
-                mo = 0.3 * x_in + c
-                sample = s.step(mo, t, sample, **step_kw, return_dict=False)[0]
-                if i == 0:
-                    rec["after_first_step"] = f32_list(sample)
-        rec["final_sample"] = f32_list(sample)
-    except Exception as e:  # recorded, not fatal (diffusers itself fails on this config)
-        rec.pop("after_first_step", None)
-        rec["trajectory_error"] = f"{type(e).__name__}: {e}"
-    return rec
-
-
-def make_schedulers_json(out_root: Path):
-    cases = []
-    for label, cls, extra, step_kw, mode in SCHED_CLASSES:
-        for beta, sp, off, pred, n in sched_grid():
-            case = {"id": f"{label}|{beta}|{sp}|off{off}|{pred}|n{n}", "class": cls.__name__, "label": label}
-            try:
-                case.update(run_schedule_case(cls, extra, step_kw, mode, beta, sp, off, pred, n))
-            except Exception as e:  # recorded, not fatal: the Rust side may reject the same config
-                case["error"] = f"{type(e).__name__}: {e}"
-            cases.append(case)
-
-    alphas = {}
-    add_noise = []
-    x0 = torch.sin(torch.arange(54, dtype=torch.float64) * 0.37).to(torch.float32).reshape(3, 2, 3, 3)
-    noise = torch.cos(torch.arange(54, dtype=torch.float64) * 0.91 + 0.5).to(torch.float32).reshape(3, 2, 3, 3)
-    tsteps = torch.tensor([0, 500, 999], dtype=torch.int64)
-    for beta, (bs, be) in BETAS.items():
-        s = DDPMScheduler(num_train_timesteps=1000, beta_start=bs, beta_end=be, beta_schedule=beta)
-        alphas[beta] = f32_list(s.alphas_cumprod)
-        add_noise.append({
-            "beta_schedule": beta, "beta_start": bs, "beta_end": be, "timesteps": tsteps.tolist(),
-            "noisy": f32_list(s.add_noise(x0, noise, tsteps)),
-            "velocity": f32_list(s.get_velocity(x0, noise, tsteps)),
-        })
-
-    doc = {
-        "generator": "tools/parity/make_fixtures.py",
-        "model_formula": MODEL_FORMULA,
-        "initial_sample": "sample_0 = base_sample * init_noise_sigma; base_sample[j] = sin(1.7*j + 0.3) "
-                          "(f64 then f32), shape [1,2,3,3]",
-        "base_sample": f32_list(base_sample()),
-        "loop": "for i, t in enumerate(scheduler.timesteps): x_in = scale_model_input(sample, t); "
-                "model_output = formula; sample = step(model_output, t, sample, **step_kwargs).prev_sample",
-        "step_kwargs": {"DDIMScheduler": {"eta": 0.0}},
-        "noise_injection": NOISE_FORMULA + " (only trajectory_mode == 'injected_noise': "
-                           "EulerAncestralDiscreteScheduler noise, DDPMScheduler variance noise; DDPM draws no "
-                           "noise at its final step t == 0)",
-        "betas": {k: {"beta_start": v[0], "beta_end": v[1]} for k, v in BETAS.items()},
-        "alphas_cumprod": alphas,
-        "add_noise": {
-            "scheduler": "DDPMScheduler(num_train_timesteps=1000, beta_start, beta_end, beta_schedule)",
-            "x0": f32_list(x0),
-            "x0_formula": "x0[j] = sin(0.37*j), j flat index, shape [3,2,3,3]",
-            "noise": f32_list(noise),
-            "noise_formula": "noise[j] = cos(0.91*j + 0.5), shape [3,2,3,3]",
-            "note": "noisy = add_noise(x0, noise, timesteps) = sqrt(acp[t])*x0 + sqrt(1-acp[t])*noise; "
-                    "velocity = get_velocity(x0, noise, timesteps) = sqrt(acp[t])*noise - sqrt(1-acp[t])*x0",
-            "cases": add_noise,
-        },
-        "cases": cases,
-    }
-    with open(out_root / "schedulers.json", "w") as f:
-        json.dump(doc, f, separators=(",", ":"))
-        f.write("\n")
-    return len(cases), sum(("error" in c) or ("trajectory_error" in c) for c in cases)
-
-
-# --------------------------------------------------------------------------------------
-
+# Scheduler fixtures are made by tools/parity/make_scheduler_fixtures.py
+# (fixtures/parity/schedulers/), not here.
 
 def versions():
     return {
@@ -860,7 +686,7 @@ def main():
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     # Remove what a previous run generated (and only that), so renamed outputs don't linger.
-    for pat in ["ref-*.safetensors", "ref-*.json", "schedulers.json", "VERSIONS.json", "clip-tokenizer-fast.json"]:
+    for pat in ["ref-*.safetensors", "ref-*.json", "VERSIONS.json", "clip-tokenizer-fast.json"]:
         for f in out_root.glob(pat):
             f.unlink()
     for d in ["tiny-sd15", "tiny-sd2", "tiny-sd15-fp16"]:
@@ -890,8 +716,6 @@ def main():
                 f.write("\n")
         print(f"refs for {name} done")
 
-    n, nerr = make_schedulers_json(out_root)
-    print(f"schedulers.json: {n} cases ({nerr} errors recorded)")
 
     with open(out_root / "VERSIONS.json", "w") as f:
         json.dump(versions(), f, indent=2)

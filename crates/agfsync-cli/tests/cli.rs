@@ -30,7 +30,10 @@ fn assert_clean_error(out: &Output, needle: &str) {
     assert!(!stderr.contains("   0: "), "backtrace in: {stderr}");
 }
 
-fn read_png(path: &Path) -> Result<(u32, u32, Vec<u8>, Vec<(String, String)>)> {
+/// Width, height, RGB bytes and text chunks of a PNG.
+type Png = (u32, u32, Vec<u8>, Vec<(String, String)>);
+
+fn read_png(path: &Path) -> Result<Png> {
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path)?));
     let mut reader = dec.read_info()?;
     let mut buf = vec![0; reader.output_buffer_size()];
@@ -362,5 +365,94 @@ fn help_explains_the_sample_flags() -> Result<()> {
     ] {
         assert!(text.contains(flag), "missing {flag} in --help");
     }
+    Ok(())
+}
+
+#[test]
+fn run_in_a_directory_generates_candidates_for_every_builtin_prompt() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("run");
+    let out = run(&["run", dir.to_str().context("utf8")?, "--steps", "2"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(dir.join("models/tiny-sd15/model_index.json").exists());
+    let prompts: Vec<_> = std::fs::read_dir(dir.join("candidates"))?.collect();
+    assert_eq!(prompts.len(), 3);
+    for p in prompts {
+        let p = p?.path();
+        assert!(p.join("00000.png").exists() && p.join("00001.png").exists());
+        let lat =
+            candle_core::safetensors::load(p.join("final_latents.safetensors"), &Device::Cpu)?;
+        assert_eq!(lat["latents"].dims(), &[2, 4, 32, 32]);
+    }
+    Ok(())
+}
+
+/// Copies a folder tree (the hub cache stores plain files in snapshots when
+/// symlinks are unavailable, so copies are a faithful layout).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let dst = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &dst)?;
+        } else {
+            std::fs::copy(e.path(), dst)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn sample_resolves_a_hub_id_from_the_cache_offline() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let cache = tmp.path().join("hub");
+    let repo = cache.join("models--agfsync-test--tiny-sd15");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    copy_tree(
+        &fixtures().join("tiny-sd15"),
+        &repo.join("snapshots").join(commit),
+    )?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs/main"), commit)?;
+    let png = tmp.path().join("o.png");
+    let out = bin()
+        .env("HF_HUB_CACHE", &cache)
+        .args([
+            "sample",
+            "--model",
+            "agfsync-test/tiny-sd15",
+            "--prompt",
+            "a cat",
+            "--steps",
+            "2",
+            "--out",
+            png.to_str().context("utf8")?,
+        ])
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(png.exists());
+    // HF_HOME is honoured too (its hub/ subfolder), and a revision that is
+    // not cached is reported with the paths searched.
+    let out = bin()
+        .env_remove("HF_HUB_CACHE")
+        .env("HF_HOME", tmp.path())
+        .args([
+            "sample",
+            "--model",
+            "agfsync-test/tiny-sd15@v2",
+            "--prompt",
+            "a cat",
+        ])
+        .output()?;
+    assert_clean_error(&out, "refs/v2");
     Ok(())
 }

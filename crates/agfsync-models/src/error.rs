@@ -32,7 +32,7 @@ pub enum ModelError {
         /// The weights file.
         path: PathBuf,
         /// The cause.
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// The weights do not fit the config (missing tensor, wrong shape).
     #[error("{component} in {dir}: {source}. Check that config.json belongs to these weights")]
@@ -42,7 +42,7 @@ pub enum ModelError {
         /// Its folder.
         dir: PathBuf,
         /// The cause, naming the tensor and both shapes for mismatches.
-        source: candle_core::Error,
+        source: Box<candle_core::Error>,
     },
     /// Resolving or fetching model files failed.
     #[error(transparent)]
@@ -55,7 +55,13 @@ pub enum ModelError {
     Unsupported(String),
     /// A tensor operation failed while running a model.
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Candle(Box<candle_core::Error>),
+}
+
+impl From<candle_core::Error> for ModelError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(Box::new(e))
+    }
 }
 
 /// Result alias of agfsync-models.

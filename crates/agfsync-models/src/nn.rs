@@ -103,11 +103,14 @@ impl LoraSlot {
     }
 }
 
+/// A LoRA slot with the module path of its layer.
+pub type NamedSlot = (String, Arc<LoraSlot>);
+
 /// Every LoRA slot of a model, by the module path of its layer (for example
 /// `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`).
 #[derive(Clone, Debug, Default)]
 pub struct LoraRegistry {
-    slots: Arc<RwLock<Vec<(String, Arc<LoraSlot>)>>>,
+    slots: Arc<RwLock<Vec<NamedSlot>>>,
 }
 
 impl LoraRegistry {
@@ -125,7 +128,7 @@ impl LoraRegistry {
     }
 
     /// All slots, in construction order.
-    pub fn slots(&self) -> Vec<(String, Arc<LoraSlot>)> {
+    pub fn slots(&self) -> Vec<NamedSlot> {
         match self.slots.read() {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),

@@ -152,7 +152,7 @@ impl StableDiffusion {
             UNet2DConditionModel::new(&unet_cfg, vb).map_err(|source| ModelError::Build {
                 component: "unet".into(),
                 dir: parent(&unet_cfg_path),
-                source,
+                source: Box::new(source),
             })?;
 
         let vae_cfg_path = src.file("vae/config.json")?;
@@ -169,7 +169,7 @@ impl StableDiffusion {
         let vae = AutoencoderKl::new(&vae_cfg, vb).map_err(|source| ModelError::Build {
             component: "vae".into(),
             dir: parent(&vae_cfg_path),
-            source,
+            source: Box::new(source),
         })?;
 
         let text_encoder = load_text_encoder(src, "text_encoder", false, opts)?;
@@ -251,7 +251,7 @@ fn load_text_encoder(
     ClipTextModel::new(&cfg, proj, vb).map_err(|source| ModelError::Build {
         component: sub.to_string(),
         dir: parent(&cfg_path),
-        source,
+        source: Box::new(source),
     })
 }
 

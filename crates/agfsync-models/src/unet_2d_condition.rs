@@ -256,15 +256,15 @@ impl UNet2DConditionConfig {
         }
         match self.addition_embed_type.as_deref() {
             None => {}
-            Some("text_time") => {
+            Some("text_time")
                 if self.addition_time_embed_dim.is_none()
-                    || self.projection_class_embeddings_input_dim.is_none()
-                {
-                    candle_core::bail!(
-                        "unet config: addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim"
-                    );
-                }
+                    || self.projection_class_embeddings_input_dim.is_none() =>
+            {
+                candle_core::bail!(
+                    "unet config: addition_embed_type `text_time` needs addition_time_embed_dim and projection_class_embeddings_input_dim"
+                );
             }
+            Some("text_time") => {}
             Some(t) => {
                 candle_core::bail!("unet config: addition_embed_type `{t}` is not supported")
             }

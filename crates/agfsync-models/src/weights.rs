@@ -36,7 +36,7 @@ pub fn open_safetensors(
     #[allow(unsafe_code)]
     let st = unsafe { MmapedSafetensors::multi(files) }.map_err(|source| ModelError::Weights {
         path: files.first().cloned().unwrap_or_default(),
-        source,
+        source: Box::new(source),
     })?;
     Ok(VarBuilder::from_backend(
         Box::new(st),
@@ -51,7 +51,7 @@ fn check_header(path: &Path) -> Result<()> {
     use std::io::Read;
     let err = |msg: String| ModelError::Weights {
         path: path.to_path_buf(),
-        source: candle_core::Error::Msg(msg),
+        source: Box::new(candle_core::Error::Msg(msg)),
     };
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
@@ -104,7 +104,7 @@ pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Resul
     let tmp = path.with_extension("safetensors.tmp");
     candle_core::safetensors::save(tensors, &tmp).map_err(|source| ModelError::Weights {
         path: tmp.clone(),
-        source,
+        source: Box::new(source),
     })?;
     std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),

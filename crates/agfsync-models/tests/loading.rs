@@ -124,3 +124,20 @@ fn folder_without_model_index_is_explained() -> Result<()> {
     assert!(err.contains("model_index.json"), "{err}");
     Ok(())
 }
+
+#[test]
+fn bf16_and_f16_weights_load_into_an_f32_model() -> Result<()> {
+    for dtype in [candle_core::DType::BF16, candle_core::DType::F16] {
+        let d = tiny(TinyPreset::Sd15)?;
+        let f = d.path().join("text_encoder/model.safetensors");
+        let tensors = candle_core::safetensors::load(&f, &candle_core::Device::Cpu)?;
+        let converted: std::collections::HashMap<_, _> = tensors
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
+            .collect::<Result<_>>()?;
+        candle_core::safetensors::save(&converted, &f)?;
+        let sd = load(d.path())?;
+        assert_eq!(sd.text_encoder.config().hidden_size, 32);
+    }
+    Ok(())
+}
