@@ -10,7 +10,9 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
 use candle_nn::{Embedding, Init, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{attention, merge_heads, split_heads, Activation, LayerNorm, Linear, Pass};
+use crate::nn::{
+    attention, merge_heads, split_heads, Activation, LayerNorm, Linear, LoraRegistry, Pass,
+};
 
 fn default_vocab() -> usize {
     49408
@@ -113,18 +115,24 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(cfg: &ClipTextConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cfg: &ClipTextConfig,
+        act: Activation,
+        vb: VarBuilder,
+        lora: &LoraRegistry,
+    ) -> Result<Self> {
         let d = cfg.hidden_size;
+        let i = cfg.intermediate_size;
         let a = vb.pp("self_attn");
         Ok(Self {
             layer_norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: Linear::new(d, d, true, a.pp("q_proj"))?,
-            k_proj: Linear::new(d, d, true, a.pp("k_proj"))?,
-            v_proj: Linear::new(d, d, true, a.pp("v_proj"))?,
-            out_proj: Linear::new(d, d, true, a.pp("out_proj"))?,
+            q_proj: Linear::new_lora(d, d, true, a.pp("q_proj"), lora)?,
+            k_proj: Linear::new_lora(d, d, true, a.pp("k_proj"), lora)?,
+            v_proj: Linear::new_lora(d, d, true, a.pp("v_proj"), lora)?,
+            out_proj: Linear::new_lora(d, d, true, a.pp("out_proj"), lora)?,
             layer_norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: Linear::new(d, cfg.intermediate_size, true, vb.pp("mlp.fc1"))?,
-            fc2: Linear::new(cfg.intermediate_size, d, true, vb.pp("mlp.fc2"))?,
+            fc1: Linear::new_lora(d, i, true, vb.pp("mlp.fc1"), lora)?,
+            fc2: Linear::new_lora(i, d, true, vb.pp("mlp.fc2"), lora)?,
             heads: cfg.num_attention_heads,
             act,
         })
@@ -177,6 +185,7 @@ pub struct ClipTextModel {
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
     text_projection: Option<Linear>,
+    lora: LoraRegistry,
     dtype: DType,
     device: Device,
 }
@@ -224,8 +233,9 @@ impl ClipTextModel {
                 stdev: 0.1,
             },
         )?;
+        let lora = LoraRegistry::new();
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, act, tm.pp(format!("encoder.layers.{i}"))))
+            .map(|i| EncoderLayer::new(cfg, act, tm.pp(format!("encoder.layers.{i}")), &lora))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(
             cfg.hidden_size,
@@ -250,6 +260,7 @@ impl ClipTextModel {
             layers,
             final_layer_norm,
             text_projection,
+            lora,
             dtype: vb.dtype(),
             device: vb.device().clone(),
         })
@@ -258,6 +269,13 @@ impl ClipTextModel {
     /// The config the model was built from.
     pub fn config(&self) -> &ClipTextConfig {
         &self.config
+    }
+
+    /// LoRA slots of every attention projection and MLP layer, by module path
+    /// (`text_model.encoder.layers.0.self_attn.q_proj`, ...; without the
+    /// `text_model.` prefix for checkpoints saved without it).
+    pub fn lora(&self) -> &LoraRegistry {
+        &self.lora
     }
 
     /// Encodes `input_ids` (`[b, seq]`, u32) and returns the hidden states of

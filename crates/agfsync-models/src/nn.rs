@@ -64,42 +64,109 @@ pub struct LoraAdapter {
     pub scale: f64,
 }
 
-/// The adapters attached to one layer. Shared between the layer and the
-/// model's [`LoraRegistry`], so adapters can be added after loading.
-#[derive(Debug, Default)]
+/// The LoRA state of one linear layer: its base weight and the adapters
+/// attached to it. Shared between the layer and the model's [`LoraRegistry`],
+/// so adapters can be attached, merged or removed after loading.
+///
+/// The base weight lives here (not in the layer) so that merging an adapter
+/// is a real weight update: merged adapters cost nothing at inference, and
+/// unmerging restores the base weight for the Diffusion-DPO reference.
+#[derive(Debug)]
 pub struct LoraSlot {
+    base: RwLock<Tensor>,
     adapters: RwLock<Vec<LoraAdapter>>,
+    merged: RwLock<Vec<LoraAdapter>>,
+}
+
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    match l.read() {
+        Ok(v) => v.clone(),
+        Err(p) => p.into_inner().clone(),
+    }
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    // A panic while holding the lock cannot leave the value half-written in a
+    // way that matters here, so a poisoned lock is simply recovered.
+    match l.write() {
+        Ok(v) => v,
+        Err(p) => p.into_inner(),
+    }
 }
 
 impl LoraSlot {
-    /// Adds an adapter to this layer.
-    pub fn push(&self, adapter: LoraAdapter) {
-        self.write().push(adapter);
+    fn new(base: Tensor) -> Self {
+        Self {
+            base: RwLock::new(base),
+            adapters: RwLock::default(),
+            merged: RwLock::default(),
+        }
     }
 
-    /// Removes every adapter with the given name; returns how many were removed.
+    /// The layer's weight, `[out, in]`, including merged adapters.
+    pub fn weight(&self) -> Tensor {
+        read(&self.base)
+    }
+
+    /// `(out_features, in_features)` of the layer.
+    pub fn shape(&self) -> (usize, usize) {
+        let w = self.weight();
+        let d = w.dims();
+        (d[0], d.get(1).copied().unwrap_or(1))
+    }
+
+    /// Attaches an adapter (applied on passes with `adapters: true`).
+    pub fn push(&self, adapter: LoraAdapter) {
+        write(&self.adapters).push(adapter);
+    }
+
+    /// Removes every attached (unmerged) adapter with the given name;
+    /// returns how many were removed.
     pub fn remove(&self, name: &str) -> usize {
-        let mut adapters = self.write();
+        let mut adapters = write(&self.adapters);
         let before = adapters.len();
         adapters.retain(|a| a.name != name);
         before - adapters.len()
     }
 
-    /// A copy of the adapters currently attached.
+    /// A copy of the attached (unmerged) adapters.
     pub fn adapters(&self) -> Vec<LoraAdapter> {
-        match self.adapters.read() {
-            Ok(a) => a.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        read(&self.adapters)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<LoraAdapter>> {
-        // A panic while holding the lock cannot leave the Vec half-written in a
-        // way that matters here, so a poisoned lock is simply recovered.
-        match self.adapters.write() {
-            Ok(a) => a,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+    /// Names of the adapters merged into the base weight.
+    pub fn merged(&self) -> Vec<String> {
+        read(&self.merged).into_iter().map(|a| a.name).collect()
+    }
+
+    fn delta(&self, a: &LoraAdapter, dtype: DType) -> Result<Tensor> {
+        let up = a.up.to_dtype(DType::F32)?;
+        let down = a.down.to_dtype(DType::F32)?;
+        (up.matmul(&down)? * a.scale)?.to_dtype(dtype)
+    }
+
+    /// Adds `scale * up @ down` into the base weight: the adapter then applies
+    /// on every pass, at no extra cost.
+    pub fn merge(&self, adapter: LoraAdapter) -> Result<()> {
+        let mut base = write(&self.base);
+        let delta = self.delta(&adapter, base.dtype())?;
+        *base = (&*base + delta.reshape(base.shape())?)?.detach();
+        write(&self.merged).push(adapter);
+        Ok(())
+    }
+
+    /// Subtracts a merged adapter from the base weight again; returns whether
+    /// one with that name was merged.
+    pub fn unmerge(&self, name: &str) -> Result<bool> {
+        let mut merged = write(&self.merged);
+        let Some(i) = merged.iter().position(|a| a.name == name) else {
+            return Ok(false);
+        };
+        let adapter = merged.remove(i);
+        let mut base = write(&self.base);
+        let delta = self.delta(&adapter, base.dtype())?;
+        *base = (&*base - delta.reshape(base.shape())?)?.detach();
+        Ok(true)
     }
 }
 
@@ -120,19 +187,12 @@ impl LoraRegistry {
     }
 
     fn register(&self, path: String, slot: Arc<LoraSlot>) {
-        let mut slots = match self.slots.write() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
-        slots.push((path, slot));
+        write(&self.slots).push((path, slot));
     }
 
     /// All slots, in construction order.
     pub fn slots(&self) -> Vec<NamedSlot> {
-        match self.slots.read() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        read(&self.slots)
     }
 
     /// The slot of the layer at `path`, if that layer has one.
@@ -150,12 +210,20 @@ const WEIGHT_INIT: Init = candle_nn::init::DEFAULT_KAIMING_UNIFORM;
 const BIAS_INIT: Init = Init::Uniform { lo: -0.1, up: 0.1 };
 const NORM_WEIGHT_INIT: Init = Init::Uniform { lo: 0.8, up: 1.2 };
 
+/// Where a linear layer's weight lives.
+#[derive(Clone, Debug)]
+enum LinearWeight {
+    /// A plain weight.
+    Plain(Tensor),
+    /// In a LoRA slot, which can merge adapters into it.
+    Slot(Arc<LoraSlot>),
+}
+
 /// A linear layer `y = x W^T + b` with an optional LoRA slot.
 #[derive(Clone, Debug)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
-    lora: Option<Arc<LoraSlot>>,
 }
 
 impl Linear {
@@ -168,9 +236,8 @@ impl Linear {
             None
         };
         Ok(Self {
-            weight,
+            weight: LinearWeight::Plain(weight),
             bias,
-            lora: None,
         })
     }
 
@@ -184,27 +251,32 @@ impl Linear {
     ) -> Result<Self> {
         let path = vb.prefix();
         let mut lin = Self::new(in_dim, out_dim, bias, vb)?;
-        let slot = Arc::new(LoraSlot::default());
-        registry.register(path, slot.clone());
-        lin.lora = Some(slot);
+        if let LinearWeight::Plain(w) = &lin.weight {
+            let slot = Arc::new(LoraSlot::new(w.clone()));
+            registry.register(path, slot.clone());
+            lin.weight = LinearWeight::Slot(slot);
+        }
         Ok(lin)
     }
 
-    /// The weight matrix, `[out, in]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight matrix, `[out, in]` (with any merged adapters).
+    pub fn weight(&self) -> Tensor {
+        match &self.weight {
+            LinearWeight::Slot(slot) => slot.weight(),
+            LinearWeight::Plain(w) => w.clone(),
+        }
     }
 
     /// Applies the layer to `x` of shape `[..., in]`.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let w = pass.weight(&self.weight);
+        let w = pass.weight(&self.weight());
         let y = matmul_last(x, &w)?;
         let mut y = match &self.bias {
             Some(b) => y.broadcast_add(&pass.weight(b))?,
             None => y,
         };
         if pass.adapters {
-            if let Some(slot) = &self.lora {
+            if let LinearWeight::Slot(slot) = &self.weight {
                 for a in slot.adapters() {
                     let down = pass.weight(&a.down).to_dtype(x.dtype())?;
                     let up = pass.weight(&a.up).to_dtype(x.dtype())?;

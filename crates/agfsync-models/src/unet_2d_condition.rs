@@ -486,8 +486,8 @@ impl BasicTransformerBlock {
                 lora,
             )?,
             norm3: LayerNorm::new(dim, 1e-5, vb.pp("norm3"))?,
-            ff_proj: Linear::new(dim, inner_ff * 2, true, vb.pp("ff.net.0.proj"))?,
-            ff_out: Linear::new(inner_ff, dim, true, vb.pp("ff.net.2"))?,
+            ff_proj: Linear::new_lora(dim, inner_ff * 2, true, vb.pp("ff.net.0.proj"), lora)?,
+            ff_out: Linear::new_lora(inner_ff, dim, true, vb.pp("ff.net.2"), lora)?,
         })
     }
 
@@ -547,8 +547,20 @@ impl Transformer2D {
         let head_dim = channels / heads;
         let (proj_in, proj_out) = if cfg.use_linear_projection {
             (
-                Projection::Linear(Linear::new(channels, channels, true, vb.pp("proj_in"))?),
-                Projection::Linear(Linear::new(channels, channels, true, vb.pp("proj_out"))?),
+                Projection::Linear(Linear::new_lora(
+                    channels,
+                    channels,
+                    true,
+                    vb.pp("proj_in"),
+                    lora,
+                )?),
+                Projection::Linear(Linear::new_lora(
+                    channels,
+                    channels,
+                    true,
+                    vb.pp("proj_out"),
+                    lora,
+                )?),
             )
         } else {
             (
@@ -867,7 +879,9 @@ impl UNet2DConditionModel {
         &self.config
     }
 
-    /// The LoRA slots of every attention projection.
+    /// The LoRA slots: every attention projection (`to_q`, `to_k`, `to_v`,
+    /// `to_out.0`), feed-forward (`ff.net.0.proj`, `ff.net.2`) and linear
+    /// `proj_in`/`proj_out`.
     pub fn lora(&self) -> &LoraRegistry {
         &self.lora
     }

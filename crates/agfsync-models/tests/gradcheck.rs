@@ -201,7 +201,14 @@ fn lora_adapters_get_gradients_and_can_be_disabled() -> Result<()> {
     let unet = UNet2DConditionModel::new(&cfg, rw.var_builder(DType::F64, &Device::Cpu))?;
     let dev = Device::Cpu;
     let slots = unet.lora().slots();
-    let targets = ["to_q", "to_k", "to_v", "to_out.0"];
+    let targets = [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ];
     assert!(!slots.is_empty());
     for (path, _) in &slots {
         assert!(
@@ -284,4 +291,50 @@ fn clip_text_gradients_match_finite_differences() -> Result<()> {
         Ok(((out.hidden * &w)?.sum_all()? + (pooled * &wp)?.sum_all()?)?)
     };
     check_grads(&vm, &loss, 20)
+}
+
+#[test]
+fn merged_adapters_equal_attached_ones_and_unmerge_restores_the_base() -> Result<()> {
+    let cfg = tiny_unet_config();
+    let rw = RandomWeights::new(9);
+    let unet = UNet2DConditionModel::new(&cfg, rw.var_builder(DType::F32, &Device::Cpu))?;
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1, 4, 8, 8), &dev)?;
+    let t = Tensor::new(&[100f32], &dev)?;
+    let ctx = Tensor::randn(0f32, 1.0, (1, 5, 6), &dev)?;
+    let base = unet.forward(&x, &t, &ctx, None, Pass::INFERENCE)?;
+    let mut adapters = Vec::new();
+    for (_, slot) in unet.lora().slots() {
+        let (out, inp) = slot.shape();
+        let a = LoraAdapter {
+            name: "m".into(),
+            down: Tensor::randn(0f32, 0.2, (2, inp), &dev)?,
+            up: Tensor::randn(0f32, 0.2, (out, 2), &dev)?,
+            scale: 0.7,
+        };
+        slot.push(a.clone());
+        adapters.push((slot, a));
+    }
+    let attached = unet.forward(&x, &t, &ctx, None, Pass::INFERENCE)?;
+    for (slot, a) in &adapters {
+        assert_eq!(slot.remove("m"), 1);
+        slot.merge(a.clone())?;
+    }
+    let merged = unet.forward(&x, &t, &ctx, None, Pass::INFERENCE)?;
+    let d: f32 = (&merged - &attached)?.abs()?.max_all()?.to_scalar()?;
+    assert!(d < 1e-4, "merged differs from attached by {d}");
+    // Merged adapters are part of the weights, so even the reference pass sees them.
+    let reference = unet.forward(&x, &t, &ctx, None, Pass::REFERENCE)?;
+    let d: f32 = (&reference - &merged)?.abs()?.max_all()?.to_scalar()?;
+    assert!(d < 1e-6, "{d}");
+    for (slot, _) in &adapters {
+        assert!(slot.unmerge("m")?);
+        assert!(!slot.unmerge("m")?);
+    }
+    let restored = unet.forward(&x, &t, &ctx, None, Pass::INFERENCE)?;
+    let d: f32 = (&restored - &base)?.abs()?.max_all()?.to_scalar()?;
+    assert!(d < 1e-4, "unmerge left {d}");
+    let moved: f32 = (&attached - &base)?.abs()?.max_all()?.to_scalar()?;
+    assert!(moved > 1e-3, "adapters had no effect");
+    Ok(())
 }
