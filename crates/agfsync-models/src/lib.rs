@@ -11,6 +11,7 @@ pub mod clip_text;
 pub mod clip_tokenizer;
 pub mod error;
 pub mod hub;
+pub mod lora;
 pub mod nn;
 pub mod stable_diffusion;
 pub mod tiny;
