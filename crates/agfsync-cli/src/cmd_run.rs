@@ -64,7 +64,10 @@ pub fn run(a: &RunArgs) -> Result<()> {
         cmd_sample::run(&SampleArgs {
             model: model.display().to_string(),
             prompt: prompt.to_string(),
-            negative_prompt: String::new(),
+            negative_prompt: None,
+            original_size: None,
+            crops_coords_top_left: None,
+            target_size: None,
             steps: a.steps,
             guidance_scale: 7.5,
             scheduler: None,

@@ -4,11 +4,12 @@ use std::path::{Path, PathBuf};
 
 use agfsync_diffusion::pipeline::{
     decode_latents, denoise, encode_prompts, latent_shape, random_latents, to_rgb8, DenoiseOptions,
+    Negative, XlSizes,
 };
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{build, SchedulerConfig, SchedulerKind};
 use agfsync_models::hub::{resolve_model, HubOptions};
-use agfsync_models::stable_diffusion::{LoadOptions, StableDiffusion};
+use agfsync_models::stable_diffusion::{LoadOptions, SdFamily, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use clap::Args;
@@ -26,9 +27,10 @@ pub struct SampleArgs {
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
-    /// What the image should not show (used with guidance > 1).
-    #[arg(long, default_value = "")]
-    pub negative_prompt: String,
+    /// What the image should not show (used with guidance > 1). Without it,
+    /// SD 1.x/2.x use "" and SDXL uses zero embeddings, as diffusers does.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
     /// Denoising steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
@@ -62,6 +64,17 @@ pub struct SampleArgs {
     /// (diffusers' clip_skip).
     #[arg(long)]
     pub clip_skip: Option<usize>,
+    /// SDXL micro-conditioning: original image size HEIGHT,WIDTH (default:
+    /// the output size).
+    #[arg(long, value_parser = parse_pair)]
+    pub original_size: Option<(usize, usize)>,
+    /// SDXL micro-conditioning: crop corner TOP,LEFT (default 0,0).
+    #[arg(long, value_parser = parse_pair)]
+    pub crops_coords_top_left: Option<(usize, usize)>,
+    /// SDXL micro-conditioning: target size HEIGHT,WIDTH (default: the
+    /// output size).
+    #[arg(long, value_parser = parse_pair)]
+    pub target_size: Option<(usize, usize)>,
     /// Output: a .png file (numbered when several images) or a folder.
     #[arg(long, default_value = "out")]
     pub out: PathBuf,
@@ -77,6 +90,18 @@ pub struct SampleArgs {
     /// Weights variant to prefer (e.g. fp16), falling back to the plain files.
     #[arg(long)]
     pub variant: Option<String>,
+}
+
+/// Parses `A,B` (or `AxB`) into a pair of integers.
+fn parse_pair(s: &str) -> Result<(usize, usize), String> {
+    let parts: Vec<&str> = s.split([',', 'x']).map(str::trim).collect();
+    match parts.as_slice() {
+        [a, b] => match (a.parse(), b.parse()) {
+            (Ok(a), Ok(b)) => Ok((a, b)),
+            _ => Err(format!("`{s}` is not two integers like 1024,1024")),
+        },
+        _ => Err(format!("`{s}` is not two integers like 1024,1024")),
+    }
 }
 
 fn output_paths(out: &Path, n: usize) -> Result<Vec<PathBuf>> {
@@ -153,15 +178,23 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         None => SchedulerKind::from_class_name(&sched_cfg.class_name)?,
     };
     let paths = output_paths(&a.out, a.num_images)?;
-    let negative = vec![a.negative_prompt.clone()];
-    let prompts = vec![a.prompt.clone()];
-    let (one_text, report) = encode_prompts(&sd, &prompts, Some(&negative), a.clip_skip)?;
-    if !report.truncated.is_empty() {
-        tracing::warn!(
-            "the prompt is longer than the text encoder's 77 tokens: the rest was truncated (as diffusers does)"
-        );
+    let is_xl = sd.family == SdFamily::Xl;
+    if !is_xl
+        && (a.original_size.is_some()
+            || a.crops_coords_top_left.is_some()
+            || a.target_size.is_some())
+    {
+        bail!("--original-size, --crops-coords-top-left and --target-size are SDXL options; {} is not an SDXL pipeline", a.model);
     }
-
+    let xl = XlSizes {
+        original_size: a.original_size.unwrap_or((height, width)),
+        crops_coords_top_left: a.crops_coords_top_left.unwrap_or((0, 0)),
+        target_size: a.target_size.unwrap_or((height, width)),
+    };
+    let negative_list = a.negative_prompt.clone().map(|n| vec![n]);
+    let negative = |b: usize, list: &Option<Vec<String>>| -> Option<Vec<String>> {
+        list.as_ref().map(|l| vec![l[0].clone(); b])
+    };
     let mut finals = Vec::with_capacity(a.num_images);
     let pb = progress((a.num_images * a.steps) as u64, "sampling");
     let mut start = 0;
@@ -181,14 +214,19 @@ pub fn run(a: &SampleArgs) -> Result<()> {
                 Tensor::cat(&rows, 0)?
             }
         };
-        let text = agfsync_diffusion::pipeline::TextConditioning {
-            cond: one_text.cond.repeat((b, 1, 1))?,
-            uncond: match &one_text.uncond {
-                Some(u) => Some(u.repeat((b, 1, 1))?),
-                None => None,
-            },
-            added: None,
+        let prompts = vec![a.prompt.clone(); b];
+        let negs = negative(b, &negative_list);
+        let neg = match (&negs, a.guidance_scale > 1.0) {
+            (_, false) => Negative::None,
+            (Some(n), true) => Negative::Prompts(n),
+            (None, true) => Negative::Default,
         };
+        let (text, report) = encode_prompts(&sd, &prompts, neg, a.clip_skip, Some(&xl))?;
+        if start == 0 && !report.truncated.is_empty() {
+            tracing::warn!(
+                "the prompt is longer than the text encoder's 77 tokens: the rest was truncated (as diffusers does)"
+            );
+        }
         // Noise drawn during sampling (ancestral schedulers, DDIM eta > 0)
         // comes from a generator of the batch's first seed.
         let mut rng = Generator::new(a.seed.wrapping_add(start as u64) ^ 0x5eed);
@@ -210,6 +248,9 @@ pub fn run(a: &SampleArgs) -> Result<()> {
             let params = serde_json::json!({
                 "prompt": a.prompt,
                 "negative_prompt": a.negative_prompt,
+                "original_size": is_xl.then_some(xl.original_size),
+                "crops_coords_top_left": is_xl.then_some(xl.crops_coords_top_left),
+                "target_size": is_xl.then_some(xl.target_size),
                 "model": sd.source,
                 "scheduler": kind.to_string(),
                 "steps": a.steps,
@@ -225,7 +266,7 @@ pub fn run(a: &SampleArgs) -> Result<()> {
             let a1111 = format!(
                 "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}",
                 a.prompt,
-                a.negative_prompt,
+                a.negative_prompt.as_deref().unwrap_or(""),
                 a.steps,
                 kind,
                 a.guidance_scale,

@@ -10,11 +10,11 @@ use clap::Args;
 #[derive(Args, Debug, Clone)]
 pub struct TinyArgs {
     /// Output folder. Each preset becomes a diffusers pipeline folder inside
-    /// it: OUT/tiny-sd15, OUT/tiny-sd2.
+    /// it: OUT/tiny-sd15, OUT/tiny-sd2, OUT/tiny-sdxl.
     pub out: PathBuf,
     /// Which presets to write (sd15: SD 1.x layout; sd2: SD 2.x layout with
-    /// v-prediction). Repeat or separate with commas.
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["sd15".to_string(), "sd2".to_string()])]
+    /// v-prediction; sdxl: SDXL layout with two text encoders). Repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["sd15".to_string(), "sd2".to_string(), "sdxl".to_string()])]
     pub preset: Vec<String>,
     /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
@@ -27,7 +27,7 @@ pub fn run(a: &TinyArgs) -> Result<()> {
     for p in &a.preset {
         match TinyPreset::from_name(p) {
             Some(t) => presets.push(t),
-            None => bail!("unknown preset `{p}`: use sd15 or sd2"),
+            None => bail!("unknown preset `{p}`: use sd15, sd2 or sdxl"),
         }
     }
     for p in presets {

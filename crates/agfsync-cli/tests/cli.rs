@@ -456,3 +456,80 @@ fn sample_resolves_a_hub_id_from_the_cache_offline() -> Result<()> {
     assert_clean_error(&out, "refs/v2");
     Ok(())
 }
+
+#[test]
+fn sdxl_samples_with_micro_conditioning_flags() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = run(&[
+        "tiny-models",
+        tmp.path().to_str().context("utf8")?,
+        "--preset",
+        "sdxl,sd15",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let xl = tmp.path().join("tiny-sdxl");
+    let sample = |extra: &[&str], name: &str| -> Result<Output> {
+        let png = tmp.path().join(name);
+        let mut args = vec![
+            "sample",
+            "--model",
+            xl.to_str().context("utf8")?,
+            "--prompt",
+            "a cat",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--out",
+            png.to_str().context("utf8")?,
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let plain = sample(&[], "plain.png")?;
+    assert!(
+        plain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&plain.stderr)
+    );
+    let cond = sample(
+        &["--original-size", "64,64", "--crops-coords-top-left", "8,8"],
+        "cond.png",
+    )?;
+    assert!(
+        cond.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cond.stderr)
+    );
+    let (_, _, a, _) = read_png(&tmp.path().join("plain.png"))?;
+    let (_, _, b, texts) = read_png(&tmp.path().join("cond.png"))?;
+    assert_ne!(a, b, "micro-conditioning had no effect");
+    let params = texts
+        .iter()
+        .find(|(k, _)| k == "agfsync")
+        .context("params")?;
+    assert!(
+        params.1.contains("\"original_size\":[64,64]"),
+        "{}",
+        params.1
+    );
+    // The SDXL flags make no sense for SD 1.x.
+    let sd15 = tmp.path().join("tiny-sd15");
+    let bad = run(&[
+        "sample",
+        "--model",
+        sd15.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+        "--original-size",
+        "64,64",
+    ])?;
+    assert_clean_error(&bad, "SDXL");
+    let bad = sample(&["--target-size", "64"], "bad.png")?;
+    assert_eq!(bad.status.code(), Some(2), "clap usage error expected");
+    Ok(())
+}

@@ -7,9 +7,9 @@
 
 use agfsync_models::clip_text::TextLayer;
 use agfsync_models::nn::Pass;
-use agfsync_models::stable_diffusion::StableDiffusion;
+use agfsync_models::stable_diffusion::{SdFamily, StableDiffusion};
 use agfsync_models::unet_2d_condition::AddedCondition;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, D};
 
 use crate::rng::Generator;
 use crate::schedulers::Scheduler;
@@ -32,52 +32,173 @@ pub struct EncodeReport {
     pub truncated: Vec<usize>,
 }
 
-/// Tokenizes and encodes prompts and, when `negatives` is given, negative
-/// prompts (one per prompt; "" for none), as diffusers' `encode_prompt` does.
+/// The negative side of classifier-free guidance.
+#[derive(Clone, Copy, Debug)]
+pub enum Negative<'a> {
+    /// No guidance: only the prompts are encoded.
+    None,
+    /// Guidance without a negative prompt: `""` for SD 1.x/2.x; for SDXL,
+    /// zero embeddings when the pipeline sets `force_zeros_for_empty_prompt`.
+    Default,
+    /// Guidance with one negative prompt per prompt.
+    Prompts(&'a [String]),
+}
+
+/// SDXL's micro-conditioning, as `(height, width)` and `(top, left)` pairs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XlSizes {
+    /// Size of the original training image the output should look like it came from.
+    pub original_size: (usize, usize),
+    /// Top-left corner of the crop the output should look like.
+    pub crops_coords_top_left: (usize, usize),
+    /// Size of the output image.
+    pub target_size: (usize, usize),
+}
+
+impl XlSizes {
+    /// diffusers' defaults for an image of `height` x `width`.
+    pub fn for_image(height: usize, width: usize) -> Self {
+        Self {
+            original_size: (height, width),
+            crops_coords_top_left: (0, 0),
+            target_size: (height, width),
+        }
+    }
+
+    fn time_ids(&self, batch: usize, device: &Device) -> Result<Tensor> {
+        let v = [
+            self.original_size.0,
+            self.original_size.1,
+            self.crops_coords_top_left.0,
+            self.crops_coords_top_left.1,
+            self.target_size.0,
+            self.target_size.1,
+        ]
+        .map(|x| x as f32);
+        Tensor::new(&v, device)?.unsqueeze(0)?.repeat((batch, 1))
+    }
+}
+
+/// Tokenizes and encodes prompts (and negative prompts for guidance) as
+/// diffusers' `encode_prompt` does for the pipeline's family: one CLIP
+/// encoder for SD 1.x/2.x; for SDXL both encoders' raw penultimate states
+/// concatenated, the second encoder's pooled projection and the time ids of
+/// `xl` (required for SDXL).
+///
+/// As in diffusers, `clip_skip` applies to the prompts only; negative prompts
+/// always use the default layer.
 pub fn encode_prompts(
     sd: &StableDiffusion,
     prompts: &[String],
-    negatives: Option<&[String]>,
+    negative: Negative,
     clip_skip: Option<usize>,
+    xl: Option<&XlSizes>,
 ) -> Result<(TextConditioning, EncodeReport)> {
     let mut report = EncodeReport::default();
-    let layer = match clip_skip {
-        Some(k) if k > 0 => TextLayer::Skip(k),
-        _ => TextLayer::Last,
-    };
-    let cond = encode_texts(sd, prompts, layer, Some(&mut report))?;
-    let uncond = match negatives {
-        Some(n) => {
-            if n.len() != prompts.len() {
-                candle_core::bail!("{} negative prompts for {} prompts", n.len(), prompts.len());
+    let n = prompts.len();
+    let negatives: Option<Vec<String>> = match negative {
+        Negative::None => None,
+        Negative::Default => Some(vec![String::new(); n]),
+        Negative::Prompts(p) => {
+            if p.len() != n {
+                candle_core::bail!("{} negative prompts for {} prompts", p.len(), n);
             }
-            // diffusers applies clip_skip to the prompt only; the negative
-            // prompt always uses the last layer. Matching it keeps parity.
-            Some(encode_texts(sd, n, TextLayer::Last, None)?)
+            Some(p.to_vec())
         }
-        None => None,
     };
-    Ok((
-        TextConditioning {
+    let skip = clip_skip.filter(|&k| k > 0);
+    if sd.family != SdFamily::Xl {
+        let layer = skip.map_or(TextLayer::Last, TextLayer::Skip);
+        let (cond, _) = encode_with(sd, 0, prompts, layer, Some(&mut report))?;
+        let uncond = match &negatives {
+            Some(neg) => Some(encode_with(sd, 0, neg, TextLayer::Last, None)?.0),
+            None => None,
+        };
+        let text = TextConditioning {
             cond,
             uncond,
             added: None,
-        },
-        report,
-    ))
+        };
+        return Ok((text, report));
+    }
+
+    let Some(xl) = xl else {
+        candle_core::bail!(
+            "SDXL pipelines need the micro-conditioning sizes (original size, crop, target size)"
+        );
+    };
+    let layer = TextLayer::RawSkip(skip.map_or(1, |k| k + 1));
+    let (cond, pooled) = encode_xl(sd, prompts, layer, Some(&mut report))?;
+    let device = cond.device().clone();
+    let time_ids = xl.time_ids(n, &device)?.to_dtype(cond.dtype())?;
+    let cond_added = AddedCondition {
+        text_embeds: pooled.clone(),
+        time_ids: time_ids.clone(),
+    };
+    let (uncond, uncond_added) = match (&negatives, negative) {
+        (None, _) => (None, cond_added.clone()),
+        (Some(_), Negative::Default) if sd.force_zeros_for_empty_prompt => (
+            Some(cond.zeros_like()?),
+            AddedCondition {
+                text_embeds: pooled.zeros_like()?,
+                time_ids,
+            },
+        ),
+        (Some(neg), _) => {
+            let (u, up) = encode_xl(sd, neg, TextLayer::PenultimateRaw, None)?;
+            (
+                Some(u),
+                AddedCondition {
+                    text_embeds: up,
+                    time_ids,
+                },
+            )
+        }
+    };
+    let text = TextConditioning {
+        cond,
+        uncond,
+        added: Some((cond_added, uncond_added)),
+    };
+    Ok((text, report))
 }
 
-fn encode_texts(
+/// Both SDXL encoders: concatenated hidden states and the pooled projection
+/// of the second.
+fn encode_xl(
     sd: &StableDiffusion,
     texts: &[String],
     layer: TextLayer,
     mut report: Option<&mut EncodeReport>,
-) -> Result<Tensor> {
-    let max_len = sd.text_encoder.config().max_position_embeddings.min(77);
+) -> Result<(Tensor, Tensor)> {
+    let (h1, _) = encode_with(sd, 0, texts, layer, report.as_deref_mut())?;
+    let (h2, pooled) = encode_with(sd, 1, texts, layer, None)?;
+    let Some(pooled) = pooled else {
+        candle_core::bail!("SDXL's text_encoder_2 gave no pooled output");
+    };
+    Ok((Tensor::cat(&[h1, h2], D::Minus1)?, pooled))
+}
+
+/// Runs text encoder `which` (0 or 1) on `texts`; returns its hidden states
+/// in the UNet's dtype and its pooled output.
+fn encode_with(
+    sd: &StableDiffusion,
+    which: usize,
+    texts: &[String],
+    layer: TextLayer,
+    mut report: Option<&mut EncodeReport>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (tokenizer, encoder) = match which {
+        0 => (&sd.tokenizer, &sd.text_encoder),
+        _ => match (&sd.tokenizer_2, &sd.text_encoder_2) {
+            (Some(t), Some(e)) => (t, e),
+            _ => candle_core::bail!("this pipeline has no second text encoder"),
+        },
+    };
+    let max_len = encoder.config().max_position_embeddings.min(77);
     let mut rows = Vec::with_capacity(texts.len());
     for (i, t) in texts.iter().enumerate() {
-        let enc = sd
-            .tokenizer
+        let enc = tokenizer
             .encode_padded(t, max_len)
             .map_err(|e| candle_core::Error::Msg(format!("tokenizing prompt {i}: {e}")))?;
         if enc.truncated {
@@ -88,8 +209,13 @@ fn encode_texts(
         rows.push(Tensor::new(enc.ids.as_slice(), sd.unet.device())?.unsqueeze(0)?);
     }
     let ids = Tensor::cat(&rows, 0)?;
-    let out = sd.text_encoder.forward(&ids, layer, Pass::INFERENCE)?;
-    out.hidden.to_dtype(sd.unet.dtype())
+    let out = encoder.forward(&ids, layer, Pass::INFERENCE)?;
+    let dtype = sd.unet.dtype();
+    let pooled = match out.pooled {
+        Some(p) => Some(p.to_dtype(dtype)?),
+        None => None,
+    };
+    Ok((out.hidden.to_dtype(dtype)?, pooled))
 }
 
 /// Everything the denoising loop needs besides the models.

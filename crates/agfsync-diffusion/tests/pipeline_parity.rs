@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use agfsync_diffusion::pipeline::{decode_latents, denoise, encode_prompts, DenoiseOptions};
+use agfsync_diffusion::pipeline::{
+    decode_latents, denoise, encode_prompts, DenoiseOptions, Negative,
+};
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{build, SchedulerConfig, SchedulerKind};
 use agfsync_models::hub::ModelSource;
@@ -55,8 +57,13 @@ fn check(r: Run) -> Result<()> {
     let (text, _) = encode_prompts(
         &sd,
         &prompts,
-        if r.negative { Some(&negatives) } else { None },
+        if r.negative {
+            Negative::Prompts(&negatives)
+        } else {
+            Negative::None
+        },
         r.clip_skip,
+        None,
     )?;
     // The embeddings the UNet saw: [negative, prompt] with guidance.
     let ours = match &text.uncond {

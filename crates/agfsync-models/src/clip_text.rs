@@ -174,6 +174,9 @@ pub enum TextLayer {
     Skip(usize),
     /// The penultimate layer's output without the final layer norm (SDXL).
     PenultimateRaw,
+    /// transformers' `hidden_states[-(n + 1)]`, without the final layer norm
+    /// (SDXL with clip skip: `RawSkip(clip_skip + 1)`).
+    RawSkip(usize),
 }
 
 /// transformers' `CLIPTextModel` / `CLIPTextModelWithProjection`.
@@ -318,6 +321,11 @@ impl ClipTextModel {
                 ))
             })?,
             TextLayer::PenultimateRaw => n.saturating_sub(1),
+            TextLayer::RawSkip(k) => n.checked_sub(k).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "clip skip {k} is larger than the text encoder's {n} layers"
+                ))
+            })?,
         };
         let mut at_stop = if stop == 0 { Some(x.clone()) } else { None };
         for (i, l) in self.layers.iter().enumerate() {
@@ -331,7 +339,7 @@ impl ClipTextModel {
         let hidden = match layer {
             TextLayer::Last => last.clone(),
             TextLayer::Skip(_) => self.final_layer_norm.forward(&chosen, pass)?,
-            TextLayer::PenultimateRaw => chosen,
+            TextLayer::PenultimateRaw | TextLayer::RawSkip(_) => chosen,
         };
         let eos_pos = self.eos_positions(&ids)?;
         let rows = (0..b)

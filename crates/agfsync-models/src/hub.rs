@@ -116,8 +116,8 @@ pub enum HubError {
 
     /// The hub could not be queried and nothing usable is cached.
     #[error(
-        "could not query the Hugging Face Hub for `{repo_id}` (revision `{revision}`): {source}. \
-         Nothing usable is cached either (looked at:\n{}\n). {}",
+        "`{repo_id}` is not an existing local folder, and the Hugging Face Hub could not be \
+         queried for it (revision `{revision}`): {source}. Nothing usable is cached either (looked at:\n{}\n). {}",
         fmt_paths(.looked_at),
         api_hint(.source)
     )]
@@ -128,8 +128,7 @@ pub enum HubError {
         revision: String,
         /// Cache paths that were checked for a fallback.
         looked_at: Vec<PathBuf>,
-        /// Underlying hf-hub error.
-        #[source]
+        /// Underlying hf-hub error (shown in the message, so not chained).
         source: Box<ApiError>,
     },
 
@@ -148,8 +147,7 @@ pub enum HubError {
         file: String,
         /// Cache directory used.
         cache_dir: PathBuf,
-        /// Underlying hf-hub error.
-        #[source]
+        /// Underlying hf-hub error (shown in the message, so not chained).
         source: Box<ApiError>,
     },
 

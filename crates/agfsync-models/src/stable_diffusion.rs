@@ -110,6 +110,9 @@ pub struct StableDiffusion {
     pub scheduler_config: String,
     /// Where the pipeline came from, for records and messages.
     pub source: String,
+    /// SDXL: an absent negative prompt means zero negative embeddings
+    /// (`force_zeros_for_empty_prompt` in model_index.json, default true).
+    pub force_zeros_for_empty_prompt: bool,
 }
 
 #[derive(Deserialize)]
@@ -127,12 +130,15 @@ impl StableDiffusion {
                 src.describe("")
             ))
         })?;
-        let index = ModelIndex::from_json(&read_to_string(&index_path)?).map_err(|source| {
-            ModelError::Config {
-                path: index_path.clone(),
-                what: "model_index.json",
-                source,
-            }
+        let index_text = read_to_string(&index_path)?;
+        let force_zeros_for_empty_prompt = serde_json::from_str::<ForceZeros>(&index_text)
+            .ok()
+            .and_then(|f| f.force_zeros_for_empty_prompt)
+            .unwrap_or(true);
+        let index = ModelIndex::from_json(&index_text).map_err(|source| ModelError::Config {
+            path: index_path.clone(),
+            what: "model_index.json",
+            source,
         })?;
         for needed in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             if !index.has(needed) {
@@ -212,18 +218,8 @@ impl StableDiffusion {
             tokenizer_2,
             scheduler_config,
             source: src.python_spec(),
+            force_zeros_for_empty_prompt,
         })
-    }
-
-    /// SDXL's `force_zeros_for_empty_prompt` from model_index.json (default true
-    /// for SDXL pipelines, as diffusers does).
-    pub fn force_zeros_for_empty_prompt(src: &ModelSource) -> bool {
-        src.file("model_index.json")
-            .ok()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| serde_json::from_str::<ForceZeros>(&t).ok())
-            .and_then(|f| f.force_zeros_for_empty_prompt)
-            .unwrap_or(true)
     }
 }
 

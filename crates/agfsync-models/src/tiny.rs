@@ -26,6 +26,9 @@ pub enum TinyPreset {
     /// SD 2.x layout: linear projections, per-block heads, upcast attention,
     /// gelu text encoder, `!` padding, v-prediction.
     Sd2,
+    /// SDXL layout: two text encoders (the second with projection),
+    /// micro-conditioning, per-block transformer depth, Euler scheduler.
+    Sdxl,
 }
 
 impl TinyPreset {
@@ -34,6 +37,7 @@ impl TinyPreset {
         match self {
             Self::Sd15 => "sd15",
             Self::Sd2 => "sd2",
+            Self::Sdxl => "sdxl",
         }
     }
 
@@ -42,6 +46,7 @@ impl TinyPreset {
         match name {
             "sd15" | "sd1" | "sd1.5" => Some(Self::Sd15),
             "sd2" | "sd2.1" => Some(Self::Sd2),
+            "sdxl" | "xl" => Some(Self::Sdxl),
             _ => None,
         }
     }
@@ -49,6 +54,33 @@ impl TinyPreset {
 
 /// The tiny UNet config of a preset.
 pub fn tiny_unet_config(preset: TinyPreset) -> Value {
+    if preset == TinyPreset::Sdxl {
+        return json!({
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": "0.30.0",
+            "sample_size": 16,
+            "in_channels": 4,
+            "out_channels": 4,
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "transformer_layers_per_block": [1, 2],
+            "act_fn": "silu",
+            "norm_num_groups": 8,
+            "norm_eps": 1e-5,
+            "cross_attention_dim": 64,
+            "attention_head_dim": [2, 4],
+            "use_linear_projection": true,
+            "upcast_attention": false,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 32 + 6 * 8,
+        });
+    }
     let sd2 = preset == TinyPreset::Sd2;
     json!({
         "_class_name": "UNet2DConditionModel",
@@ -76,7 +108,8 @@ pub fn tiny_unet_config(preset: TinyPreset) -> Value {
 }
 
 /// The tiny VAE config.
-pub fn tiny_vae_config() -> Value {
+pub fn tiny_vae_config(preset: TinyPreset) -> Value {
+    let xl = preset == TinyPreset::Sdxl;
     json!({
         "_class_name": "AutoencoderKL",
         "_diffusers_version": "0.30.0",
@@ -90,20 +123,29 @@ pub fn tiny_vae_config() -> Value {
         "latent_channels": 4,
         "norm_num_groups": 8,
         "sample_size": 32,
-        "scaling_factor": 0.18215,
+        "scaling_factor": if xl { 0.13025 } else { 0.18215 },
+        "force_upcast": xl,
     })
 }
 
-/// The tiny text encoder config for a vocabulary of `vocab_size` tokens.
+/// The tiny text encoder config for a vocabulary of `vocab_size` tokens;
+/// `projection` makes it a `CLIPTextModelWithProjection` (SDXL's second).
 pub fn tiny_text_config(
     preset: TinyPreset,
+    projection: bool,
     vocab_size: usize,
     eos: u32,
     bos: u32,
     pad: u32,
 ) -> Value {
+    let arch = if projection {
+        "CLIPTextModelWithProjection"
+    } else {
+        "CLIPTextModel"
+    };
+    let gelu = preset == TinyPreset::Sd2 || projection;
     json!({
-        "architectures": ["CLIPTextModel"],
+        "architectures": [arch],
         "model_type": "clip_text_model",
         "vocab_size": vocab_size,
         "hidden_size": 32,
@@ -112,7 +154,7 @@ pub fn tiny_text_config(
         "num_hidden_layers": 3,
         "num_attention_heads": 4,
         "max_position_embeddings": 77,
-        "hidden_act": if preset == TinyPreset::Sd2 { "gelu" } else { "quick_gelu" },
+        "hidden_act": if gelu { "gelu" } else { "quick_gelu" },
         "layer_norm_eps": 1e-5,
         "bos_token_id": bos,
         "eos_token_id": eos,
@@ -121,8 +163,23 @@ pub fn tiny_text_config(
     })
 }
 
-/// The scheduler config (SD's DDIM settings).
+/// The scheduler config (SD's DDIM settings; SDXL's Euler settings).
 pub fn tiny_scheduler_config(preset: TinyPreset) -> Value {
+    if preset == TinyPreset::Sdxl {
+        return json!({
+            "_class_name": "EulerDiscreteScheduler",
+            "_diffusers_version": "0.30.0",
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "interpolation_type": "linear",
+            "prediction_type": "epsilon",
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "use_karras_sigmas": false,
+        });
+    }
     json!({
         "_class_name": "DDIMScheduler",
         "_diffusers_version": "0.30.0",
@@ -168,31 +225,70 @@ fn config_error<'a>(
     }
 }
 
+fn write_text_encoder(
+    out: &Path,
+    sub: &str,
+    tok_sub: &str,
+    pad: &str,
+    preset: TinyPreset,
+    projection: bool,
+    seed: u64,
+) -> Result<()> {
+    let tok_dir = out.join(tok_sub);
+    mkdir(&tok_dir)?;
+    let tok = write_tiny_clip_tokenizer(&tok_dir, pad)?;
+    let cfg = tiny_text_config(
+        preset,
+        projection,
+        tok.vocab_size,
+        tok.eos_id,
+        tok.bos_id,
+        tok.pad_id,
+    );
+    let dir = out.join(sub);
+    mkdir(&dir)?;
+    write_json(&dir.join("config.json"), &cfg)?;
+    let cfg: ClipTextConfig =
+        serde_json::from_value(cfg).map_err(config_error(&dir, "CLIP text config"))?;
+    let rw = RandomWeights::new(seed);
+    ClipTextModel::new(&cfg, projection, rw.var_builder(DType::F32, &Device::Cpu))?;
+    save_safetensors(&rw.tensors(), &dir.join("model.safetensors"))
+}
+
 /// Writes a complete tiny diffusers Stable Diffusion pipeline folder to
 /// `out` (created if needed), with random weights drawn from `seed`.
 pub fn write_tiny_sd_pipeline(out: &Path, preset: TinyPreset, seed: u64) -> Result<()> {
     mkdir(out)?;
     let dev = Device::Cpu;
+    let xl = preset == TinyPreset::Sdxl;
     let pad = if preset == TinyPreset::Sd2 {
         "!"
     } else {
         "<|endoftext|>"
     };
-    let tok_dir = out.join("tokenizer");
-    mkdir(&tok_dir)?;
-    write_tiny_clip_tokenizer(&tok_dir, pad)?;
-    let tokenizer = crate::clip_tokenizer::ClipTokenizer::from_dir(&tok_dir)?;
+    write_text_encoder(
+        out,
+        "text_encoder",
+        "tokenizer",
+        pad,
+        preset,
+        false,
+        seed.wrapping_add(2),
+    )?;
+    if xl {
+        // SDXL's second tokenizer pads with "!", as stabilityai's does.
+        write_text_encoder(
+            out,
+            "text_encoder_2",
+            "tokenizer_2",
+            "!",
+            preset,
+            true,
+            seed.wrapping_add(3),
+        )?;
+    }
 
     let unet_cfg = tiny_unet_config(preset);
-    let vae_cfg = tiny_vae_config();
-    let text_cfg = tiny_text_config(
-        preset,
-        tokenizer.vocab_size(),
-        tokenizer.eos_id(),
-        tokenizer.bos_id(),
-        tokenizer.pad_id(),
-    );
-
     let dir = out.join("unet");
     mkdir(&dir)?;
     write_json(&dir.join("config.json"), &unet_cfg)?;
@@ -205,6 +301,7 @@ pub fn write_tiny_sd_pipeline(out: &Path, preset: TinyPreset, seed: u64) -> Resu
         &dir.join("diffusion_pytorch_model.safetensors"),
     )?;
 
+    let vae_cfg = tiny_vae_config(preset);
     let dir = out.join("vae");
     mkdir(&dir)?;
     write_json(&dir.join("config.json"), &vae_cfg)?;
@@ -217,15 +314,6 @@ pub fn write_tiny_sd_pipeline(out: &Path, preset: TinyPreset, seed: u64) -> Resu
         &dir.join("diffusion_pytorch_model.safetensors"),
     )?;
 
-    let dir = out.join("text_encoder");
-    mkdir(&dir)?;
-    write_json(&dir.join("config.json"), &text_cfg)?;
-    let cfg: ClipTextConfig =
-        serde_json::from_value(text_cfg).map_err(config_error(&dir, "CLIP text config"))?;
-    let rw = RandomWeights::new(seed.wrapping_add(2));
-    ClipTextModel::new(&cfg, false, rw.var_builder(DType::F32, &dev))?;
-    save_safetensors(&rw.tensors(), &dir.join("model.safetensors"))?;
-
     let dir = out.join("scheduler");
     mkdir(&dir)?;
     write_json(
@@ -233,9 +321,23 @@ pub fn write_tiny_sd_pipeline(out: &Path, preset: TinyPreset, seed: u64) -> Resu
         &tiny_scheduler_config(preset),
     )?;
 
-    write_json(
-        &out.join("model_index.json"),
-        &json!({
+    let index = if xl {
+        json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.30.0",
+            "feature_extractor": [null, null],
+            "force_zeros_for_empty_prompt": true,
+            "image_encoder": [null, null],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        })
+    } else {
+        json!({
             "_class_name": "StableDiffusionPipeline",
             "_diffusers_version": "0.30.0",
             "feature_extractor": [null, null],
@@ -247,8 +349,9 @@ pub fn write_tiny_sd_pipeline(out: &Path, preset: TinyPreset, seed: u64) -> Resu
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"],
-        }),
-    )?;
+        })
+    };
+    write_json(&out.join("model_index.json"), &index)?;
     write_json(
         &out.join("agfsync_tiny.json"),
         &json!({

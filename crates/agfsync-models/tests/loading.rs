@@ -30,6 +30,16 @@ fn tiny_pipelines_load_with_their_family() -> Result<()> {
     assert_eq!(sd.family, SdFamily::V2);
     assert!(sd.unet.config().use_linear_projection);
     assert!(sd.scheduler_config.contains("v_prediction"));
+    let d = tiny(TinyPreset::Sdxl)?;
+    let sd = load(d.path())?;
+    assert_eq!(sd.family, SdFamily::Xl);
+    assert!(sd
+        .text_encoder_2
+        .as_ref()
+        .is_some_and(|t| t.config().has_projection()));
+    assert_eq!(sd.tokenizer_2.as_ref().map(|t| t.pad_id()), Some(0));
+    assert!(sd.force_zeros_for_empty_prompt);
+    assert_eq!(sd.vae.config().force_upcast, Some(true));
     Ok(())
 }
 
