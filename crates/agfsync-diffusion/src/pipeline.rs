@@ -169,9 +169,9 @@ fn encode_xl(
     sd: &StableDiffusion,
     texts: &[String],
     layer: TextLayer,
-    mut report: Option<&mut EncodeReport>,
+    report: Option<&mut EncodeReport>,
 ) -> Result<(Tensor, Tensor)> {
-    let (h1, _) = encode_with(sd, 0, texts, layer, report.as_deref_mut())?;
+    let (h1, _) = encode_with(sd, 0, texts, layer, report)?;
     let (h2, pooled) = encode_with(sd, 1, texts, layer, None)?;
     let Some(pooled) = pooled else {
         candle_core::bail!("SDXL's text_encoder_2 gave no pooled output");
