@@ -52,6 +52,25 @@ SD15_UNET_CONFIG = {
 }
 
 
+SDXL_UNET_CONFIG = {
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [320, 640, 1280],
+    "layers_per_block": 2,
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,
+    "norm_num_groups": 32,
+}
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -109,6 +128,7 @@ def main():
     ap.add_argument("--latent", type=int, default=32, help="latent H=W (32 -> 256x256 images)")
     ap.add_argument("--batch", type=int, default=2, help="2 = one CFG step for one image")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15", help="UNet architecture")
     args = ap.parse_args()
 
     import torch
@@ -119,7 +139,8 @@ def main():
     torch.manual_seed(args.seed)
 
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()  # f32 by default
+    config = SDXL_UNET_CONFIG if args.arch == "sdxl" else SD15_UNET_CONFIG
+    unet = UNet2DConditionModel(**config).eval()  # f32 by default
     build_s = time.perf_counter() - t0
     n_params = sum(p.numel() for p in unet.parameters())
     print(f"built UNet ({n_params / 1e6:.1f} M params) in {build_s:.1f}s", file=sys.stderr)
@@ -127,7 +148,11 @@ def main():
     b, L = args.batch, args.latent
     g = torch.Generator().manual_seed(args.seed + 1)
     sample = torch.randn(b, 4, L, L, generator=g)
-    ehs = torch.randn(b, 77, 768, generator=g)
+    ehs = torch.randn(b, 77, config["cross_attention_dim"], generator=g)
+    added = None
+    if args.arch == "sdxl":
+        added = {"text_embeds": torch.randn(b, 1280, generator=g),
+                 "time_ids": torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * b)}
     timesteps = torch.linspace(999, 1, b).round().to(torch.int64)  # per-sample, e.g. [999, 1]
 
     times = []
@@ -137,7 +162,7 @@ def main():
         sampler = None if hwm_ok else PeakSampler().__enter__()
         for i in range(args.warmup + args.iters):
             t = time.perf_counter()
-            out = unet(sample, timesteps, encoder_hidden_states=ehs).sample
+            out = unet(sample, timesteps, encoder_hidden_states=ehs, added_cond_kwargs=added).sample
             dt = time.perf_counter() - t
             print(f"{'warmup' if i < args.warmup else 'iter'} {i}: {dt:.3f}s", file=sys.stderr)
             if i >= args.warmup:
@@ -155,6 +180,7 @@ def main():
     ru_bytes = ru if sys.platform == "darwin" else ru * 1024  # Linux reports KiB, macOS bytes
     res = {
         "impl": "pytorch",
+        "arch": args.arch,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "median_s": round(statistics.median(times), 4),

@@ -63,6 +63,9 @@ pub fn run(a: &RunArgs) -> Result<()> {
         tracing::info!("prompt {i}: {prompt}");
         cmd_sample::run(&SampleArgs {
             model: model.display().to_string(),
+            config: None,
+            prediction_type: None,
+            ema: false,
             prompt: prompt.to_string(),
             negative_prompt: None,
             original_size: None,

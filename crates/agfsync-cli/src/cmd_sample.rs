@@ -9,6 +9,7 @@ use agfsync_diffusion::pipeline::{
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{build, SchedulerConfig, SchedulerKind};
 use agfsync_models::hub::{resolve_model, HubOptions};
+use agfsync_models::single_file::{load_single_file_auto, SingleFileOptions};
 use agfsync_models::stable_diffusion::{LoadOptions, SdFamily, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
@@ -20,10 +21,23 @@ use crate::images::{read_latents, write_latents, write_png};
 /// Arguments of `agfsync sample`.
 #[derive(Args, Debug, Clone)]
 pub struct SampleArgs {
-    /// Model: a diffusers pipeline folder, or a hub id (`org/name[@revision]`)
-    /// read through the Hugging Face cache.
+    /// Model: a diffusers pipeline folder, a hub id (`org/name[@revision]`)
+    /// read through the Hugging Face cache, or a single-file checkpoint
+    /// (`.safetensors` in the original Stability layout).
     #[arg(long)]
     pub model: String,
+    /// For single-file checkpoints: the diffusers pipeline (folder or hub id)
+    /// that supplies configs, tokenizers and scheduler. Default: the
+    /// canonical SD 1.5 / SD 2.1 / SDXL base repo for the file's family.
+    #[arg(long)]
+    pub config: Option<String>,
+    /// For single-file checkpoints: override the prediction type
+    /// (epsilon or v_prediction; SD 2.x files do not show it in their weights).
+    #[arg(long)]
+    pub prediction_type: Option<String>,
+    /// For single-file checkpoints holding both: use the EMA UNet weights.
+    #[arg(long)]
+    pub ema: bool,
     /// The prompt.
     #[arg(long)]
     pub prompt: String,
@@ -146,16 +160,38 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         None => None,
     };
 
-    let src = resolve_model(&a.model, &HubOptions::from_env())?;
-    tracing::info!("loading {}", src.describe(""));
-    let sd = StableDiffusion::load(
-        &src,
-        &LoadOptions {
-            dtype,
-            device: device.clone(),
-            variant: a.variant.clone(),
-        },
-    )?;
+    let load = LoadOptions {
+        dtype,
+        device: device.clone(),
+        variant: a.variant.clone(),
+    };
+    let model_path = Path::new(&a.model);
+    let sd = if model_path.is_file() {
+        if model_path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("ckpt") || e.eq_ignore_ascii_case("pt"))
+        {
+            bail!("{}: pickle checkpoints can run arbitrary code and are not loaded; convert it to .safetensors first", a.model);
+        }
+        tracing::info!("loading single-file checkpoint {}", a.model);
+        load_single_file_auto(
+            model_path,
+            a.config.as_deref(),
+            &HubOptions::from_env(),
+            &load,
+            &SingleFileOptions {
+                prediction_type: a.prediction_type.clone(),
+                prefer_ema: a.ema,
+            },
+        )?
+    } else {
+        if a.config.is_some() || a.prediction_type.is_some() || a.ema {
+            bail!("--config, --prediction-type and --ema apply to single-file checkpoints; {} is not a file", a.model);
+        }
+        let src = resolve_model(&a.model, &HubOptions::from_env())?;
+        tracing::info!("loading {}", src.describe(""));
+        StableDiffusion::load(&src, &load)?
+    };
     let native = sd.unet.config().sample_size * sd.vae.config().scale_factor();
     let height = a.height.unwrap_or(native);
     let width = a.width.unwrap_or(native);

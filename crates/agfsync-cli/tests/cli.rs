@@ -533,3 +533,40 @@ fn sdxl_samples_with_micro_conditioning_flags() -> Result<()> {
     assert_eq!(bad.status.code(), Some(2), "clap usage error expected");
     Ok(())
 }
+
+#[test]
+fn pickle_checkpoints_and_misplaced_single_file_flags_are_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let ckpt = tmp.path().join("model.ckpt");
+    std::fs::write(&ckpt, b"not really a pickle")?;
+    let out = run(&[
+        "sample",
+        "--model",
+        ckpt.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+    ])?;
+    assert_clean_error(&out, "pickle");
+    let model = fixtures().join("tiny-sd15");
+    let out = run(&[
+        "sample",
+        "--model",
+        model.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+        "--config",
+        "some/repo",
+    ])?;
+    assert_clean_error(&out, "single-file");
+    let junk = tmp.path().join("junk.safetensors");
+    std::fs::write(&junk, b"\x10\x00\x00\x00\x00\x00\x00\x00{}")?;
+    let out = run(&[
+        "sample",
+        "--model",
+        junk.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+    ])?;
+    assert_clean_error(&out, "junk.safetensors");
+    Ok(())
+}

@@ -13,6 +13,7 @@ pub mod error;
 pub mod hub;
 pub mod lora;
 pub mod nn;
+pub mod single_file;
 pub mod stable_diffusion;
 pub mod tiny;
 pub mod unet_2d_condition;
