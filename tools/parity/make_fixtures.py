@@ -686,7 +686,8 @@ def main():
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     # Remove what a previous run generated (and only that), so renamed outputs don't linger.
-    for pat in ["ref-*.safetensors", "ref-*.json", "VERSIONS.json", "clip-tokenizer-fast.json"]:
+    for pat in ["ref-tiny-sd15*.safetensors", "ref-tiny-sd15*.json", "ref-tiny-sd2*.safetensors",
+                "ref-tiny-sd2*.json", "VERSIONS.json", "clip-tokenizer-fast.json"]:
         for f in out_root.glob(pat):
             f.unlink()
     for d in ["tiny-sd15", "tiny-sd2", "tiny-sd15-fp16"]:

@@ -19,6 +19,10 @@ Runs diffusers' schedulers over a grid of configs and records, per case:
   per-step noise they drew (``noise``, one [1, 2, 3, 3] tensor per step), so the Rust side can
   replay it through ``step_with_noise``.
 
+``lcm.json`` holds LCMScheduler cases (timesteps for 1..8 steps and several
+``original_inference_steps``, refused step counts as ``error``, replayed-noise trajectories; the
+last step of an LCM trajectory draws no noise, so each ``noise`` list has one unused entry).
+
 ``ddpm.json`` additionally holds ``add_noise`` / ``get_velocity`` results for fixed x0, noise
 and timesteps [0, 500, 999]; ``common.json`` holds ``alphas_cumprod`` for a few schedules.
 
@@ -41,9 +45,10 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
 )
-from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
+from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete, scheduling_lcm
 
 OUT = Path(__file__).resolve().parents[2] / "fixtures" / "parity" / "schedulers"
 SHAPE = (1, 2, 3, 3)
@@ -167,8 +172,10 @@ def record(cls, config, steps, sample, *, traj=True, class_name=None, config_fil
             final = trajectory(cls(**config), sample, steps, kw)
             case["noise"] = [flist(z) for z in noise]
         else:
+            fresh = cls(**config) if config_file is None else \
+                cls.from_config(json.loads((OUT / config_file).read_text()))
             with NoiseQueue(noise_mode, n, seed) as q:
-                final = trajectory(cls(**config), sample, steps)
+                final = trajectory(fresh, sample, steps)
             case["noise"] = [flist(z) for z in q.noise]
             case["noise_used"] = q.used
         if noise_mode == "ddim":
@@ -346,6 +353,84 @@ def from_pndm_cases(sample):
     return cases
 
 
+# stabilityai SDXL base 1.0 scheduler_config.json (EulerDiscreteScheduler); LCM-LoRA users load
+# it with LCMScheduler.from_config, which keeps steps_offset/set_alpha_to_one/timestep_spacing
+# (all without effect in LCMScheduler) and takes the LCM defaults for the rest.
+SDXL_EULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
+
+def lcm_cases(sample):
+    """LCMScheduler: timesteps for 1..8 steps x several original_inference_steps, and
+    replayed-noise trajectories (noise[i] is what step i drew; the last step draws none, so the
+    last entry of each noise list is unused: noise_used = steps - 1)."""
+    cases = []
+    sl = BETAS["scaled_linear"]
+    seed = 500
+
+    def add(cfg, steps, traj=True, config_file=None):
+        nonlocal seed
+        seed += 1
+        cls_cfg = None if config_file else cfg
+        cases.append(record(LCMScheduler, cls_cfg, steps, sample, traj=traj, config_file=config_file,
+                            noise_mode=scheduling_lcm if traj else None, seed=seed,
+                            build_kwargs={"kind": "lcm"}))
+
+    # schedules: every step count 1..8 for several original_inference_steps (None = default 50)
+    for orig in (None, 4, 8, 30, 100, 1000):
+        for steps in range(1, 9):
+            cfg = dict(sl)
+            if orig is not None:
+                cfg["original_inference_steps"] = orig
+            if orig is not None and steps > orig:
+                # diffusers refuses: recorded so that the Rust side checks it refuses too
+                try:
+                    s = LCMScheduler(**cfg)
+                    s.set_timesteps(steps)
+                except ValueError as e:
+                    cases.append({"config": {"_class_name": "LCMScheduler", **cfg}, "num_inference_steps": steps,
+                                  "error": str(e).splitlines()[0][:200]})
+                    continue
+                raise AssertionError("expected a ValueError")
+            add(cfg, steps, traj=steps in (1, 2, 4, 8))
+    # prediction types, clipping, other beta schedules, options without effect
+    extras = [
+        ({**sl, "prediction_type": "v_prediction"}, 4),
+        ({**sl, "prediction_type": "sample"}, 4),
+        ({**sl, "prediction_type": "sample", "clip_sample": True, "clip_sample_range": 0.5}, 6),
+        ({**sl, "clip_sample": True}, 4),
+        ({**sl, "timestep_scaling": 5.0}, 4),
+        ({**sl, "timestep_scaling": 100.0, "original_inference_steps": 20}, 3),
+        # explicit beta_start/beta_end: LCMScheduler's defaults (0.00085/0.012) differ from the
+        # other classes' (0.0001/0.02), and agfsync's SchedulerConfig fills in the latter
+        ({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, 5),
+        ({"beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}, 5),
+        ({**sl, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}, 4),
+        ({"num_train_timesteps": 100, "trained_betas": np.linspace(1e-3, 0.05, 100).tolist(),
+          "original_inference_steps": 10}, 3),
+        # timestep_spacing, steps_offset and set_alpha_to_one do not change LCMScheduler
+        ({**sl, "timestep_spacing": "trailing", "steps_offset": 1, "set_alpha_to_one": False}, 4),
+        ({**sl, "timestep_spacing": "linspace"}, 7),
+    ]
+    for cfg, steps in extras:
+        add(cfg, steps)
+    # LCMScheduler.from_config(SDXL's Euler config file), as LCM-LoRA pipelines do
+    (OUT / "scheduler_config_sdxl.json").write_text(json.dumps(SDXL_EULER_CONFIG, indent=2) + "\n")
+    for steps in (1, 4, 8):
+        add(None, steps, config_file="scheduler_config_sdxl.json")
+    # a config file written by LCMScheduler.save_config (has original_inference_steps / timestep_scaling)
+    LCMScheduler(**sl, original_inference_steps=40, timestep_scaling=5.0, prediction_type="v_prediction",
+                 clip_sample=False).save_config(OUT / "tmp_lcm")
+    (OUT / "tmp_lcm" / "scheduler_config.json").rename(OUT / "scheduler_config_lcm.json")
+    (OUT / "tmp_lcm").rmdir()
+    add(None, 6, config_file="scheduler_config_lcm.json")
+    return cases
+
+
 def write(name, obj):
     path = OUT / name
     path.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
@@ -381,6 +466,7 @@ def main():
     write("dpm_solver_multistep.json", {"cases": dpm_cases(sample)})
     write("ddpm.json", {"cases": ddpm_cases(sample), "training": ddpm_training()})
     write("from_config_files.json", {"cases": from_pndm_cases(sample)})
+    write("lcm.json", {"cases": lcm_cases(sample)})
     total = sum(p.stat().st_size for p in OUT.iterdir())
     print(f"total: {total} bytes")
     assert total < 1_000_000, "fixtures must stay under 1 MB"

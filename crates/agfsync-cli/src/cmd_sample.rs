@@ -51,7 +51,8 @@ pub struct SampleArgs {
     /// Classifier-free guidance scale (1 or less turns guidance off).
     #[arg(long, default_value_t = 7.5)]
     pub guidance_scale: f64,
-    /// Scheduler: ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras.
+    /// Scheduler: ddim, euler, euler-ancestral, dpm++2m, dpm++2m-karras, lcm
+    /// (for LCM-distilled models or LCM-LoRA: 4-8 steps, guidance 1-2), ddpm.
     /// Default: the model's own (scheduler/scheduler_config.json).
     #[arg(long)]
     pub scheduler: Option<String>,

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{
     build, DdimScheduler, DdpmScheduler, DpmSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, Scheduler, SchedulerConfig,
-    SchedulerError, SchedulerKind,
+    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LcmOptions, LcmScheduler, Scheduler,
+    SchedulerConfig, SchedulerError, SchedulerKind,
 };
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -391,6 +391,7 @@ fn scheduler_names_round_trip() -> Result<()> {
         ),
         ("DPMSolverMultistepScheduler", SchedulerKind::DpmPlusPlus2M),
         ("DDPMScheduler", SchedulerKind::Ddpm),
+        ("LCMScheduler", SchedulerKind::Lcm),
     ];
     for (class, kind) in map {
         assert_eq!(SchedulerKind::from_class_name(class)?, kind);
@@ -500,7 +501,7 @@ fn sample_with(kind_or_ddim_eta: &str, seed: u64) -> Result<Vec<f64>> {
 
 #[test]
 fn stochastic_schedulers_are_reproducible_per_seed() -> Result<()> {
-    for kind in ["euler-ancestral", "ddim-eta1", "ddpm"] {
+    for kind in ["euler-ancestral", "ddim-eta1", "ddpm", "lcm"] {
         let a = sample_with(kind, 1)?;
         let b = sample_with(kind, 1)?;
         let c = sample_with(kind, 2)?;
@@ -567,5 +568,165 @@ fn half_precision_inputs_keep_their_dtype() -> Result<()> {
         let out = s.step(&inp, 0, &x, &mut Generator::new(0))?;
         assert_eq!(out.dtype(), DType::BF16, "{kind}");
     }
+    Ok(())
+}
+
+/// The LCM options of a fixture case: from its config file, or from its config dict.
+fn lcm_options(case: &Value) -> Result<LcmOptions> {
+    if let Some(file) = case["config_file"].as_str() {
+        Ok(LcmOptions::from_file(fixtures_dir().join(file))?)
+    } else {
+        Ok(serde_json::from_value(case["config"].clone())?)
+    }
+}
+
+#[test]
+fn lcm_matches_diffusers_with_replayed_noise() -> Result<()> {
+    let fixture = load("lcm.json")?;
+    let mut refused = 0;
+    for case in fixture["cases"].as_array().context("cases")? {
+        if let Some(msg) = case["error"].as_str() {
+            // diffusers refuses more steps than original_inference_steps; so must we
+            let config = case_config(case)?;
+            let mut s = LcmScheduler::with_options(&config, lcm_options(case)?)?;
+            let steps = case["num_inference_steps"].as_u64().context("steps")? as usize;
+            let err = s
+                .set_timesteps(steps)
+                .expect_err("diffusers refused these steps");
+            assert!(
+                matches!(err, SchedulerError::InvalidSteps { .. }),
+                "{err} (diffusers: {msg})"
+            );
+            assert!(
+                err.to_string().contains("original_inference_steps"),
+                "{err}"
+            );
+            refused += 1;
+        }
+    }
+    assert!(refused > 0);
+    run_fixture("lcm.json", |case, config, report| {
+        if case["error"].is_string() {
+            return Ok(());
+        }
+        let mut s = LcmScheduler::with_options(config, lcm_options(case)?)?;
+        if let Some(file) = case["config_file"].as_str() {
+            // a config file: LcmScheduler::from_file reads the LCM fields too, and `build` (the
+            // kind's default options) agrees when the file has none
+            let kind: SchedulerKind = case["kind"].as_str().context("kind")?.parse()?;
+            assert_eq!(kind, SchedulerKind::Lcm);
+            let file = fixtures_dir().join(file);
+            let steps = case["num_inference_steps"].as_u64().context("steps")? as usize;
+            let want = floats(&case["timesteps"])?;
+            let mut from_file = LcmScheduler::from_file(&file)?;
+            from_file.set_timesteps(steps)?;
+            check_timesteps(from_file.timesteps(), &want)?;
+            if LcmOptions::from_file(&file)? == LcmOptions::default() {
+                let mut built = build(kind, config)?;
+                built.set_timesteps(steps)?;
+                check_timesteps(built.timesteps(), &want)?;
+            }
+        }
+        check_case(&mut s, case, report, &mut |s, out, i, x, noise| {
+            Ok(s.step_with_noise(out, i, x, noise)?)
+        })
+    })
+}
+
+#[test]
+fn lcm_options_and_errors() -> Result<()> {
+    let config = SchedulerConfig::default();
+    let mut s = LcmScheduler::new(&config)?;
+    assert_eq!(s.original_inference_steps(), 50);
+    assert_eq!(s.timestep_scaling(), 10.0);
+    // more steps than the skipping-step schedule has
+    let err = s.set_timesteps(51).expect_err("51 > 50");
+    assert!(
+        err.to_string().contains("original_inference_steps (50)"),
+        "{err}"
+    );
+    s.set_timesteps(50)?;
+    assert_eq!(s.timesteps().len(), 50);
+    // a per-call original_inference_steps, as diffusers' set_timesteps(original_inference_steps=)
+    s.set_timesteps_with_original(4, Some(4))?;
+    assert_eq!(s.timesteps(), [999.0, 749.0, 499.0, 249.0]);
+    assert!(s.set_timesteps_with_original(4, Some(1001)).is_err());
+    assert!(s.set_timesteps_with_original(4, Some(0)).is_err());
+    // invalid options are config errors
+    for options in [
+        LcmOptions {
+            original_inference_steps: 0,
+            ..LcmOptions::default()
+        },
+        LcmOptions {
+            original_inference_steps: 1001,
+            ..LcmOptions::default()
+        },
+        LcmOptions {
+            timestep_scaling: f64::NAN,
+            ..LcmOptions::default()
+        },
+    ] {
+        let err = LcmScheduler::with_options(&config, options).expect_err("invalid");
+        assert!(matches!(err, SchedulerError::InvalidConfig(_)), "{err}");
+    }
+    // every step but the last needs noise; the last one returns the denoised sample
+    s.set_timesteps(3)?;
+    let x = Tensor::ones((1, 1, 2, 2), DType::F32, &Device::Cpu)?;
+    assert!(s.step_with_noise(&x, 0, &x, None).is_err());
+    let last = s.step_with_noise(&x, 2, &x, None)?;
+    assert_eq!(flat(&last)?, flat(&s.denoised(&x, 2, &x)?)?);
+    Ok(())
+}
+
+/// Replays the scheduler side of the tiny SDXL LCM pipeline run
+/// (`fixtures/parity/ref-tiny-sdxl-sample-lcm.safetensors`, see tools/parity/README.md §5.4):
+/// the model output each step saw is recovered from the recorded `step_denoised`, then
+/// `step_with_noise` with the recorded noise must reproduce diffusers' `step_latents`.
+#[test]
+fn lcm_replays_the_tiny_sdxl_pipeline_noise() -> Result<()> {
+    let parity = fixtures_dir().join("..");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(parity.join("ref-tiny-sdxl.json"))?)?;
+    let run = &meta["sampling"]["lcm"];
+    let refs = candle_core::safetensors::load(
+        parity.join("ref-tiny-sdxl-sample-lcm.safetensors"),
+        &Device::Cpu,
+    )?;
+    let get = |k: &str| refs.get(k).cloned().with_context(|| k.to_string());
+    let config =
+        SchedulerConfig::from_file(parity.join("tiny-sdxl/scheduler/scheduler_config.json"))?;
+    assert_eq!(config.class_name, "EulerDiscreteScheduler");
+    let mut s = build(SchedulerKind::Lcm, &config)?;
+    let steps = run["num_inference_steps"].as_u64().context("steps")? as usize;
+    s.set_timesteps(steps)?;
+    check_timesteps(s.timesteps(), &floats(&run["timesteps"])?)?;
+    let mut lcm = LcmScheduler::new(&config)?;
+    lcm.set_timesteps(steps)?;
+    let (noise, denoised, want) = (get("noise")?, get("step_denoised")?, get("step_latents")?);
+    let mut x = get("init_latents")?;
+    let mut worst = 0f64;
+    for i in 0..steps {
+        let t = lcm.timesteps()[i];
+        let a = f64::from(lcm.alphas_cumprod()[t as usize]);
+        let (c_skip, c_out) = lcm.boundary_condition_scalings(t);
+        // epsilon such that the LCM denoised estimate equals the recorded one
+        let x0 = ((denoised.get(i)? - (&x * f64::from(c_skip))?)? / f64::from(c_out))?;
+        let eps = ((&x - (x0 * a.sqrt())?)? / (1.0 - a).sqrt())?;
+        let n = (i + 1 < steps).then(|| noise.get(i)).transpose()?;
+        let next = lcm.step_with_noise(&eps, i, &x, n.as_ref())?;
+        let want_i = want.get(i)?;
+        let scale = flat(&want_i)?.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = flat(&(&next - &want_i)?.abs()?)?
+            .into_iter()
+            .fold(0f64, f64::max);
+        assert!(
+            err <= 1e-4 * scale,
+            "step {i}: max error {err} (scale {scale})"
+        );
+        worst = worst.max(err / scale);
+        x = want_i;
+    }
+    eprintln!("tiny-sdxl LCM replay: worst relative error {worst:.2e}");
     Ok(())
 }

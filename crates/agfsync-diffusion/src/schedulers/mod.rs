@@ -37,6 +37,7 @@ pub mod ddpm;
 pub mod dpm_solver_multistep;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod lcm;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -56,6 +57,7 @@ pub use ddpm::DdpmScheduler;
 pub use dpm_solver_multistep::DpmSolverMultistepScheduler;
 pub use euler::EulerDiscreteScheduler;
 pub use euler_ancestral::EulerAncestralDiscreteScheduler;
+pub use lcm::{LcmOptions, LcmScheduler};
 
 /// What the denoising model predicts (diffusers `prediction_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -184,31 +186,36 @@ pub enum SchedulerKind {
     DpmPlusPlus2MKarras,
     /// `ddpm`: ancestral DDPM sampling, stochastic.
     Ddpm,
+    /// `lcm`: Latent Consistency Model sampling (for LCM-distilled models or LCM-LoRA; few
+    /// steps, guidance about 1), stochastic.
+    Lcm,
 }
 
 impl SchedulerKind {
     /// Every kind, in [`SchedulerKind::NAMES`] order.
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 7] = [
         Self::Ddim,
         Self::Euler,
         Self::EulerAncestral,
         Self::DpmPlusPlus2M,
         Self::DpmPlusPlus2MKarras,
         Self::Ddpm,
+        Self::Lcm,
     ];
 
     /// The canonical user-facing names (`euler-a` is also accepted for `euler-ancestral`).
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "ddim",
         "euler",
         "euler-ancestral",
         "dpm++2m",
         "dpm++2m-karras",
         "ddpm",
+        "lcm",
     ];
 
     /// diffusers class names accepted by [`SchedulerKind::from_class_name`].
-    pub const CLASS_NAMES: [&'static str; 7] = [
+    pub const CLASS_NAMES: [&'static str; 8] = [
         "DDIMScheduler",
         "EulerDiscreteScheduler",
         "EulerAncestralDiscreteScheduler",
@@ -216,6 +223,7 @@ impl SchedulerKind {
         "DDPMScheduler",
         "PNDMScheduler",
         "LMSDiscreteScheduler",
+        "LCMScheduler",
     ];
 
     /// The canonical user-facing name.
@@ -227,6 +235,7 @@ impl SchedulerKind {
             Self::DpmPlusPlus2M => "dpm++2m",
             Self::DpmPlusPlus2MKarras => "dpm++2m-karras",
             Self::Ddpm => "ddpm",
+            Self::Lcm => "lcm",
         }
     }
 
@@ -239,6 +248,7 @@ impl SchedulerKind {
     /// * `LMSDiscreteScheduler` → `euler`: same sigma schedule, first-order instead of linear
     ///   multistep;
     /// * `DDPMScheduler` → `ddpm`;
+    /// * `LCMScheduler` → `lcm`;
     /// * `DPMSolverMultistepScheduler` → `dpm++2m` (use [`SchedulerKind::from_config`] to honour
     ///   `use_karras_sigmas`).
     pub fn from_class_name(class_name: &str) -> Result<Self, SchedulerError> {
@@ -248,6 +258,7 @@ impl SchedulerKind {
             "EulerAncestralDiscreteScheduler" => Ok(Self::EulerAncestral),
             "DPMSolverMultistepScheduler" => Ok(Self::DpmPlusPlus2M),
             "DDPMScheduler" => Ok(Self::Ddpm),
+            "LCMScheduler" => Ok(Self::Lcm),
             other => Err(SchedulerError::UnknownSchedulerClass {
                 class_name: other.to_string(),
             }),
@@ -271,7 +282,7 @@ impl SchedulerKind {
 
     /// Whether [`Scheduler::step`] draws noise from the [`Generator`].
     pub fn is_stochastic(self) -> bool {
-        matches!(self, Self::EulerAncestral | Self::Ddpm)
+        matches!(self, Self::EulerAncestral | Self::Ddpm | Self::Lcm)
     }
 }
 
@@ -294,6 +305,7 @@ impl FromStr for SchedulerKind {
             "dpm++2m" => Ok(Self::DpmPlusPlus2M),
             "dpm++2m-karras" => Ok(Self::DpmPlusPlus2MKarras),
             "ddpm" => Ok(Self::Ddpm),
+            "lcm" => Ok(Self::Lcm),
             _ => Err(SchedulerError::UnknownScheduler {
                 name: s.to_string(),
             }),
@@ -307,7 +319,10 @@ impl FromStr for SchedulerKind {
 /// fields the class does not use are ignored, and `timestep_spacing`/`clip_sample`, when absent,
 /// take the target class' default. `dpm++2m` forces `algorithm_type = dpmsolver++`,
 /// `solver_order = 2` and no Karras sigmas; `dpm++2m-karras` the same with Karras sigmas. `ddim`
-/// uses eta = 0 (see [`DdimScheduler::new`] for other values).
+/// uses eta = 0 (see [`DdimScheduler::new`] for other values). `lcm` uses the default
+/// [`LcmOptions`] (`original_inference_steps = 50`, `timestep_scaling = 10`), because
+/// [`SchedulerConfig`] does not carry those two fields; use [`LcmScheduler::from_file`] or
+/// [`LcmScheduler::with_options`] to honour other values.
 ///
 /// Errors for unsupported options (e.g. `thresholding = true`).
 pub fn build(
@@ -326,5 +341,6 @@ pub fn build(
             Box::new(DpmSolverMultistepScheduler::new(&c)?)
         }
         SchedulerKind::Ddpm => Box::new(DdpmScheduler::new(config)?),
+        SchedulerKind::Lcm => Box::new(LcmScheduler::new(config)?),
     })
 }
