@@ -86,6 +86,9 @@ pub fn run(a: &RunArgs) -> Result<()> {
             device: "cpu".into(),
             dtype: "f32".into(),
             variant: None,
+            lora: Vec::new(),
+            lora_scale: Vec::new(),
+            lora_mode: "merge".into(),
         })?;
     }
     eprintln!("done: {}", dir.display());

@@ -9,6 +9,7 @@ use agfsync_diffusion::pipeline::{
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{build, SchedulerConfig, SchedulerKind};
 use agfsync_models::hub::{resolve_model, HubOptions};
+use agfsync_models::lora::{apply_lora, LoraFile, LoraMode, LoraTargets};
 use agfsync_models::single_file::{load_single_file_auto, SingleFileOptions};
 use agfsync_models::stable_diffusion::{LoadOptions, SdFamily, StableDiffusion};
 use anyhow::{bail, Context, Result};
@@ -102,6 +103,17 @@ pub struct SampleArgs {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// LoRA adapter file (diffusers/PEFT or kohya safetensors). Repeat for
+    /// several adapters.
+    #[arg(long)]
+    pub lora: Vec<PathBuf>,
+    /// Weight of each --lora, in the same order (one value applies to all).
+    #[arg(long)]
+    pub lora_scale: Vec<f64>,
+    /// merge: fold adapters into the weights (fastest); attach: keep them
+    /// separate, applied at every forward.
+    #[arg(long, default_value = "merge", value_parser = ["merge", "attach"])]
+    pub lora_mode: String,
     /// Weights variant to prefer (e.g. fp16), falling back to the plain files.
     #[arg(long)]
     pub variant: Option<String>,
@@ -193,6 +205,41 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         tracing::info!("loading {}", src.describe(""));
         StableDiffusion::load(&src, &load)?
     };
+    if a.lora_scale.len() > 1 && a.lora_scale.len() != a.lora.len() {
+        bail!(
+            "{} --lora-scale values for {} --lora files: give one value for all, or one per file",
+            a.lora_scale.len(),
+            a.lora.len()
+        );
+    }
+    let mode = if a.lora_mode == "attach" {
+        LoraMode::Attach
+    } else {
+        LoraMode::Merge
+    };
+    for (i, path) in a.lora.iter().enumerate() {
+        let weight = match a.lora_scale.as_slice() {
+            [] => 1.0,
+            [one] => *one,
+            many => many[i],
+        };
+        let file = LoraFile::load(path)?;
+        let report = apply_lora(
+            &file,
+            &LoraTargets::of(&sd),
+            &format!("lora{i}"),
+            weight,
+            mode,
+        )
+        .with_context(|| format!("applying LoRA {}", path.display()))?;
+        tracing::info!(
+            "LoRA {} ({:?}): {} of {} modules applied at weight {weight}",
+            path.display(),
+            report.format,
+            report.matched,
+            report.total
+        );
+    }
     let native = sd.unet.config().sample_size * sd.vae.config().scale_factor();
     let height = a.height.unwrap_or(native);
     let width = a.width.unwrap_or(native);
@@ -298,6 +345,8 @@ pub fn run(a: &SampleArgs) -> Result<()> {
                 "width": width,
                 "clip_skip": a.clip_skip,
                 "dtype": a.dtype,
+                "lora": a.lora.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+                "lora_scale": a.lora_scale,
                 "agfsync_version": env!("CARGO_PKG_VERSION"),
             });
             let a1111 = format!(

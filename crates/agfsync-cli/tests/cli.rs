@@ -63,10 +63,10 @@ fn tiny_models(dir: &Path) -> Result<PathBuf> {
     Ok(dir.join("tiny-sd15"))
 }
 
-#[test]
-fn sample_on_a_diffusers_folder_reproduces_diffusers_images() -> Result<()> {
-    // The pipeline folder was saved by diffusers itself; the reference image
-    // is diffusers' float output for the same initial latents.
+/// Runs `agfsync sample` with the settings of the tiny-sd15 DDIM reference
+/// (same initial latents) plus `extra` arguments; returns the image as
+/// [1, 32, 32, 3] floats, its PNG text chunks and the final latents.
+fn sample_like_ddim_reference(extra: &[&str]) -> Result<(Tensor, Vec<(String, String)>, Tensor)> {
     let tmp = tempfile::tempdir()?;
     let refs = candle_core::safetensors::load(
         fixtures().join("ref-tiny-sd15-sample-ddim.safetensors"),
@@ -79,7 +79,7 @@ fn sample_on_a_diffusers_folder_reproduces_diffusers_images() -> Result<()> {
     let png_out = tmp.path().join("img.png");
     let lat_out = tmp.path().join("final.safetensors");
     let model = fixtures().join("tiny-sd15");
-    let out = run(&[
+    let mut args = vec![
         "sample",
         "--model",
         model.to_str().context("utf8")?,
@@ -103,7 +103,9 @@ fn sample_on_a_diffusers_folder_reproduces_diffusers_images() -> Result<()> {
         png_out.to_str().context("utf8")?,
         "--save-latents",
         lat_out.to_str().context("utf8")?,
-    ])?;
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args)?;
     assert!(
         out.status.success(),
         "{}",
@@ -111,13 +113,29 @@ fn sample_on_a_diffusers_folder_reproduces_diffusers_images() -> Result<()> {
     );
     let (w, h, rgb, texts) = read_png(&png_out)?;
     assert_eq!((w, h), (32, 32));
-    let ours = Tensor::from_vec(rgb, (1, 32, 32, 3), &Device::Cpu)?.to_dtype(DType::F32)? / 255.0;
-    let theirs = &refs["image"];
-    let mse: f32 = (ours? - theirs)?.sqr()?.mean_all()?.to_scalar()?;
-    let psnr = 10.0 * (1.0 / mse as f64).log10();
-    assert!(psnr > 40.0, "PSNR {psnr:.1} dB");
+    let image =
+        (Tensor::from_vec(rgb, (1, 32, 32, 3), &Device::Cpu)?.to_dtype(DType::F32)? / 255.0)?;
     let fin = candle_core::safetensors::load(&lat_out, &Device::Cpu)?;
-    let d: f32 = (&fin["latents"] - &refs["final_latents"])?
+    Ok((image, texts, fin["latents"].clone()))
+}
+
+fn psnr(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let mse: f32 = (a - b)?.sqr()?.mean_all()?.to_scalar()?;
+    Ok(10.0 * (1.0 / mse as f64).log10())
+}
+
+#[test]
+fn sample_on_a_diffusers_folder_reproduces_diffusers_images() -> Result<()> {
+    // The pipeline folder was saved by diffusers itself; the reference image
+    // is diffusers' float output for the same initial latents.
+    let refs = candle_core::safetensors::load(
+        fixtures().join("ref-tiny-sd15-sample-ddim.safetensors"),
+        &Device::Cpu,
+    )?;
+    let (image, texts, fin) = sample_like_ddim_reference(&[])?;
+    let p = psnr(&image, &refs["image"])?;
+    assert!(p > 40.0, "PSNR {p:.1} dB");
+    let d: f32 = (&fin - &refs["final_latents"])?
         .abs()?
         .max_all()?
         .to_scalar()?;
@@ -134,6 +152,77 @@ fn sample_on_a_diffusers_folder_reproduces_diffusers_images() -> Result<()> {
     assert!(texts
         .iter()
         .any(|(k, t)| k == "parameters" && t.contains("Steps: 8")));
+    Ok(())
+}
+
+#[test]
+fn sample_with_a_lora_reproduces_diffusers_load_lora_weights() -> Result<()> {
+    // diffusers' output with load_lora_weights at adapter weight 0.7
+    // (fixtures/parity/lora, see its README).
+    let refs = candle_core::safetensors::load(
+        fixtures().join("lora/ref-sd15-peft.safetensors"),
+        &Device::Cpu,
+    )?;
+    let base = candle_core::safetensors::load(
+        fixtures().join("ref-tiny-sd15-sample-ddim.safetensors"),
+        &Device::Cpu,
+    )?;
+    for (file, mode) in [
+        ("sd15-peft.safetensors", "merge"),
+        ("sd15-peft.safetensors", "attach"),
+        ("sd15-kohya.safetensors", "merge"),
+    ] {
+        let lora = fixtures().join("lora").join(file);
+        let (image, texts, _) = sample_like_ddim_reference(&[
+            "--lora",
+            lora.to_str().context("utf8")?,
+            "--lora-scale",
+            "0.7",
+            "--lora-mode",
+            mode,
+        ])?;
+        let p = psnr(&image, &refs["image"])?;
+        assert!(p > 40.0, "{file} {mode}: PSNR {p:.1} dB");
+        // ...and the LoRA really changed the image.
+        let p_base = psnr(&image, &base["image"])?;
+        assert!(p_base < p, "{file}: the adapter had no visible effect");
+        let params = texts
+            .iter()
+            .find(|(k, _)| k == "agfsync")
+            .context("params")?;
+        assert!(params.1.contains(file), "{}", params.1);
+    }
+    Ok(())
+}
+
+#[test]
+fn lora_that_matches_nothing_is_a_clean_error() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let f = tmp.path().join("alien.safetensors");
+    let mut m = std::collections::HashMap::new();
+    m.insert(
+        "lora_unet_nothing_here.lora_down.weight".to_string(),
+        Tensor::zeros((4, 8), DType::F32, &Device::Cpu)?,
+    );
+    m.insert(
+        "lora_unet_nothing_here.lora_up.weight".to_string(),
+        Tensor::zeros((8, 4), DType::F32, &Device::Cpu)?,
+    );
+    candle_core::safetensors::save(&m, &f)?;
+    let model = fixtures().join("tiny-sd15");
+    let out = run(&[
+        "sample",
+        "--model",
+        model.to_str().context("utf8")?,
+        "--prompt",
+        "x",
+        "--lora",
+        f.to_str().context("utf8")?,
+        "--out",
+        tmp.path().join("o.png").to_str().context("utf8")?,
+    ])?;
+    assert_clean_error(&out, "alien.safetensors");
+    assert!(!tmp.path().join("o.png").exists());
     Ok(())
 }
 

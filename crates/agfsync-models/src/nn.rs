@@ -303,10 +303,17 @@ fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         .reshape(out_dims.as_slice())
 }
 
-/// A 2D convolution with square kernels, as `torch.nn.Conv2d` stores it.
+/// A 2D convolution with square kernels, as `torch.nn.Conv2d` stores it, with
+/// an optional LoRA slot.
+///
+/// A LoRA adapter on a convolution is kohya's layout: a down convolution with
+/// the layer's kernel, stride and padding (`[rank, in, k, k]`, stored in the
+/// slot flattened to `[rank, in * k * k]`) followed by a 1x1 up convolution
+/// (`[out, rank, 1, 1]`, stored as `[out, rank]`). For the 1x1 projections of
+/// SD 1.x transformers this is exactly a linear LoRA over the channels.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     stride: usize,
     padding: usize,
@@ -325,24 +332,69 @@ impl Conv2d {
         let weight = vb.get_with_hints((out_c, in_c, kernel, kernel), "weight", WEIGHT_INIT)?;
         let bias = Some(vb.get_with_hints(out_c, "bias", BIAS_INIT)?);
         Ok(Self {
-            weight,
+            weight: LinearWeight::Plain(weight),
             bias,
             stride,
             padding,
         })
     }
 
+    /// Like [`Conv2d::new`], and registers a LoRA slot (holding the kernel)
+    /// under the module path.
+    pub fn new_lora(
+        in_c: usize,
+        out_c: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+        vb: VarBuilder,
+        registry: &LoraRegistry,
+    ) -> Result<Self> {
+        let path = vb.prefix();
+        let mut conv = Self::new(in_c, out_c, kernel, stride, padding, vb)?;
+        if let LinearWeight::Plain(w) = &conv.weight {
+            let slot = Arc::new(LoraSlot::new(w.clone()));
+            registry.register(path, slot.clone());
+            conv.weight = LinearWeight::Slot(slot);
+        }
+        Ok(conv)
+    }
+
+    /// The kernel, `[out, in, k, k]` (with any merged adapters).
+    pub fn weight(&self) -> Tensor {
+        match &self.weight {
+            LinearWeight::Slot(slot) => slot.weight(),
+            LinearWeight::Plain(w) => w.clone(),
+        }
+    }
+
     /// Applies the convolution to `x` of shape `[b, c, h, w]`.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let w = pass.weight(&self.weight);
-        let y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
-        match &self.bias {
-            Some(b) => {
-                let b = pass.weight(b).reshape((1, (), 1, 1))?;
-                y.broadcast_add(&b)
-            }
-            None => Ok(y),
+        let kernel = self.weight();
+        let w = pass.weight(&kernel);
+        let mut y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
+        if let Some(b) = &self.bias {
+            let b = pass.weight(b).reshape((1, (), 1, 1))?;
+            y = y.broadcast_add(&b)?;
         }
+        if pass.adapters {
+            if let LinearWeight::Slot(slot) = &self.weight {
+                let (_, in_c, kh, kw) = kernel.dims4()?;
+                for a in slot.adapters() {
+                    let rank = a.down.dim(0)?;
+                    let down = pass
+                        .weight(&a.down)
+                        .to_dtype(x.dtype())?
+                        .reshape((rank, in_c, kh, kw))?;
+                    let up = pass.weight(&a.up).to_dtype(x.dtype())?;
+                    let up = up.reshape((up.dim(0)?, rank, 1, 1))?;
+                    let h = x.conv2d(&down, self.padding, self.stride, 1, 1)?;
+                    let h = h.conv2d(&up, 0, 1, 1, 1)?;
+                    y = (y + (h * a.scale)?)?;
+                }
+            }
+        }
+        Ok(y)
     }
 }
 

@@ -564,8 +564,24 @@ impl Transformer2D {
             )
         } else {
             (
-                Projection::Conv(Conv2d::new(channels, channels, 1, 1, 0, vb.pp("proj_in"))?),
-                Projection::Conv(Conv2d::new(channels, channels, 1, 1, 0, vb.pp("proj_out"))?),
+                Projection::Conv(Conv2d::new_lora(
+                    channels,
+                    channels,
+                    1,
+                    1,
+                    0,
+                    vb.pp("proj_in"),
+                    lora,
+                )?),
+                Projection::Conv(Conv2d::new_lora(
+                    channels,
+                    channels,
+                    1,
+                    1,
+                    0,
+                    vb.pp("proj_out"),
+                    lora,
+                )?),
             )
         };
         let blocks = (0..depth)
@@ -880,8 +896,8 @@ impl UNet2DConditionModel {
     }
 
     /// The LoRA slots: every attention projection (`to_q`, `to_k`, `to_v`,
-    /// `to_out.0`), feed-forward (`ff.net.0.proj`, `ff.net.2`) and linear
-    /// `proj_in`/`proj_out`.
+    /// `to_out.0`), feed-forward (`ff.net.0.proj`, `ff.net.2`) and
+    /// `proj_in`/`proj_out` (linear, or 1x1 convolutions in SD 1.x).
     pub fn lora(&self) -> &LoraRegistry {
         &self.lora
     }

@@ -208,6 +208,9 @@ fn lora_adapters_get_gradients_and_can_be_disabled() -> Result<()> {
         "to_out.0",
         "ff.net.0.proj",
         "ff.net.2",
+        // 1x1 convolutions of SD 1.x transformers (use_linear_projection false)
+        "proj_in",
+        "proj_out",
     ];
     assert!(!slots.is_empty());
     for (path, _) in &slots {
