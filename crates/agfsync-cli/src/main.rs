@@ -7,6 +7,7 @@
 mod cmd_run;
 mod cmd_sample;
 mod cmd_tiny;
+mod cmd_train;
 mod common;
 mod images;
 
@@ -39,6 +40,8 @@ enum Command {
     /// Write tiny random-weight checkpoints in the real diffusers layout
     /// (for tests and smoke runs).
     TinyModels(cmd_tiny::TinyArgs),
+    /// Fine-tune the UNet with Diffusion-DPO on preference pairs (LoRA or full).
+    Train(Box<cmd_train::TrainArgs>),
     /// Run the agfsync job. With no run directory, runs the embedded tiny
     /// default on CPU in a fresh directory under ./runs.
     Run(cmd_run::RunArgs),
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Sample(a) => cmd_sample::run(&a),
         Command::TinyModels(a) => cmd_tiny::run(&a),
         Command::Run(a) => cmd_run::run(&a),
+        Command::Train(a) => cmd_train::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

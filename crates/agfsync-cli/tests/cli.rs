@@ -66,7 +66,10 @@ fn tiny_models(dir: &Path) -> Result<PathBuf> {
 /// Runs `agfsync sample` with the settings of the tiny-sd15 DDIM reference
 /// (same initial latents) plus `extra` arguments; returns the image as
 /// [1, 32, 32, 3] floats, its PNG text chunks and the final latents.
-fn sample_like_ddim_reference(extra: &[&str]) -> Result<(Tensor, Vec<(String, String)>, Tensor)> {
+/// An image as floats, its PNG text chunks, and the final latents.
+type Sampled = (Tensor, Vec<(String, String)>, Tensor);
+
+fn sample_like_ddim_reference(extra: &[&str]) -> Result<Sampled> {
     let tmp = tempfile::tempdir()?;
     let refs = candle_core::safetensors::load(
         fixtures().join("ref-tiny-sd15-sample-ddim.safetensors"),
@@ -657,5 +660,81 @@ fn pickle_checkpoints_and_misplaced_single_file_flags_are_refused() -> Result<()
         "x",
     ])?;
     assert_clean_error(&out, "junk.safetensors");
+    Ok(())
+}
+
+#[test]
+fn train_writes_a_lora_that_sample_loads_and_resume_continues() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = tiny_models(tmp.path())?;
+    let pairs = tmp.path().join("pairs.safetensors");
+    let dev = Device::Cpu;
+    let mut m = std::collections::HashMap::new();
+    m.insert(
+        "latents_w".to_string(),
+        (Tensor::randn(0f32, 1.0, (4, 4, 16, 16), &dev)? + 1.0)?,
+    );
+    m.insert(
+        "latents_l".to_string(),
+        Tensor::randn(0f32, 1.0, (4, 4, 16, 16), &dev)?,
+    );
+    m.insert(
+        "prompt_embeds".to_string(),
+        Tensor::randn(0f32, 1.0, (4, 77, 32), &dev)?,
+    );
+    candle_core::safetensors::save(&m, &pairs)?;
+    let out = tmp.path().join("dpo");
+    let m = model.to_str().context("utf8")?;
+    let p = pairs.to_str().context("utf8")?;
+    let o = out.to_str().context("utf8")?;
+    let r = run(&[
+        "train",
+        "--model",
+        m,
+        "--pairs",
+        p,
+        "--out",
+        o,
+        "--steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+    ])?;
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let lora = out.join("pytorch_lora_weights.safetensors");
+    assert!(lora.exists());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    // Resume to 3 steps from the latest checkpoint.
+    let r = run(&[
+        "train", "--model", m, "--pairs", p, "--out", o, "--steps", "3", "--resume", "latest",
+    ])?;
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // The exported adapter loads in the sampler.
+    let png = tmp.path().join("tuned.png");
+    let r = run(&[
+        "sample",
+        "--model",
+        m,
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--lora",
+        lora.to_str().context("utf8")?,
+        "--out",
+        png.to_str().context("utf8")?,
+    ])?;
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // A resume with a different beta is refused, saying what differs.
+    let r = run(&[
+        "train", "--model", m, "--pairs", p, "--out", o, "--steps", "4", "--beta", "10",
+        "--resume", "latest",
+    ])?;
+    assert_clean_error(&r, "beta");
+    let r = run(&[
+        "train", "--model", m, "--pairs", p, "--out", o, "--beta", "0",
+    ])?;
+    assert_clean_error(&r, "beta");
     Ok(())
 }
