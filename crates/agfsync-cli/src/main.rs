@@ -6,6 +6,7 @@
 
 mod cmd_run;
 mod cmd_sample;
+mod cmd_score;
 mod cmd_tiny;
 mod cmd_train;
 mod common;
@@ -37,6 +38,9 @@ struct Cli {
 enum Command {
     /// Generate images from a prompt with a Stable Diffusion pipeline.
     Sample(Box<cmd_sample::SampleArgs>),
+    /// Score images with the AI-feedback models (CLIP score, aesthetic score):
+    /// one JSON line per image.
+    ScoreImages(Box<cmd_score::ScoreArgs>),
     /// Write tiny random-weight checkpoints in the real diffusers layout
     /// (for tests and smoke runs).
     TinyModels(cmd_tiny::TinyArgs),
@@ -61,6 +65,7 @@ fn main() -> ExitCode {
         Command::TinyModels(a) => cmd_tiny::run(&a),
         Command::Run(a) => cmd_run::run(&a),
         Command::Train(a) => cmd_train::run(&a),
+        Command::ScoreImages(a) => cmd_score::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

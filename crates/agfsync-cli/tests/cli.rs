@@ -738,3 +738,100 @@ fn train_writes_a_lora_that_sample_loads_and_resume_continues() -> Result<()> {
     assert_clean_error(&r, "beta");
     Ok(())
 }
+
+#[test]
+fn score_images_on_a_transformers_clip_folder_matches_the_references() -> Result<()> {
+    // tiny-clip was saved by transformers itself; ref.safetensors holds
+    // transformers' CLIP scores and the LAION head's aesthetic scores.
+    let f = fixtures().join("feedback");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("ref.json"))?)?;
+    let refs = candle_core::safetensors::load(f.join("ref.safetensors"), &Device::Cpu)?;
+    let clip: Vec<Vec<f32>> = refs["clip_score"].to_vec2()?;
+    let aes: Vec<f32> = refs["aesthetic"].to_vec1()?;
+    let prompt = meta["prompts"][1].as_str().context("prompt")?;
+    let images: Vec<String> = meta["images"]
+        .as_array()
+        .context("images")?
+        .iter()
+        .map(|i| {
+            f.join(i["file"].as_str().unwrap_or_default())
+                .display()
+                .to_string()
+        })
+        .collect();
+    let mut args = vec![
+        "score-images",
+        "--prompt",
+        prompt,
+        "--metrics",
+        "clip,aesthetic",
+    ];
+    let clip_dir = f.join("tiny-clip");
+    let head = f.join("aesthetic-head.pth");
+    args.extend(["--clip-model", clip_dir.to_str().context("utf8")?]);
+    args.extend([
+        "--aesthetic-model",
+        head.to_str().context("utf8")?,
+        "--batch-size",
+        "5",
+        "--images",
+    ]);
+    args.extend(images.iter().map(String::as_str));
+    let out = run(&args)?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), images.len());
+    for (i, line) in lines.iter().enumerate() {
+        let c = line["scores"]["clip"].as_f64().context("clip")?;
+        let a = line["scores"]["aesthetic"].as_f64().context("aesthetic")?;
+        assert!(
+            (c - clip[i][1] as f64).abs() < 0.05,
+            "{}: clip {c} vs {}",
+            images[i],
+            clip[i][1]
+        );
+        assert!(
+            (a - aes[i] as f64).abs() < 1e-3,
+            "{}: aesthetic {a} vs {}",
+            images[i],
+            aes[i]
+        );
+        assert!(line["versions"]["clip"]
+            .as_str()
+            .is_some_and(|v| v.contains("clip-score")));
+    }
+    // One unreadable image: reported in its line, the others still scored,
+    // and the exit status says so.
+    let bogus = tempfile::NamedTempFile::new()?;
+    std::fs::write(bogus.path(), b"definitely not an image")?;
+    let out = run(&[
+        "score-images",
+        "--prompt",
+        prompt,
+        "--clip-model",
+        clip_dir.to_str().context("utf8")?,
+        "--images",
+        &images[0],
+        bogus.path().to_str().context("utf8")?,
+    ])?;
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 2);
+    assert!(stdout
+        .lines()
+        .next()
+        .is_some_and(|l| l.contains("\"clip\"")));
+    assert!(stdout
+        .lines()
+        .nth(1)
+        .is_some_and(|l| l.contains("not an image")));
+    Ok(())
+}

@@ -1,3 +1,58 @@
 //! AI feedback for agfsync: the scorers that rank candidate images (CLIP
 //! score, aesthetic score, VQA score; HPSv2 for evaluation), their
 //! combination, and preference-pair selection.
+//!
+//! Implemented so far (AGFSync section 4, "Scores"):
+//!
+//! * [`clip_score::ClipScorer`]: `max(100 * cos, 0)` of CLIP embeddings, on a
+//!   transformers `CLIPModel` ([`clip::ClipModel`], with our own vision
+//!   tower in [`clip_vision`]);
+//! * [`aesthetic::AestheticScorer`]: the LAION improved aesthetic predictor
+//!   on CLIP ViT-L/14 image embeddings, loaded from safetensors or, safely,
+//!   from the original `.pth` ([`pth`]);
+//! * image decoding ([`image_input`]) and transformers' `CLIPImageProcessor`
+//!   ([`preprocess`]) reproduced pixel for pixel (both of its backends);
+//! * the [`scorer::Scorer`] trait every metric implements, and
+//!   [`score_images::score_images`], the batch driver behind
+//!   `agfsync score-images` ([`score_images::load_scorers`] loads the models
+//!   once).
+//!
+//! Not yet: the VQA score (`score_images::Metric::Vqa`), HPSv2
+//! (`score_images::Metric::Hps`), score combination and pair selection.
+//!
+//! ```no_run
+//! use agfsync_feedback::score_images::{load_scorers, score_images, Metric, ScorerSpec, ScoreImagesOptions};
+//! use agfsync_feedback::scorer::ScoreRequest;
+//! use agfsync_models::hub::ModelSource;
+//!
+//! # fn main() -> agfsync_feedback::Result<()> {
+//! let spec = ScorerSpec {
+//!     metrics: vec![Metric::Clip, Metric::Aesthetic],
+//!     clip_model: Some(ModelSource::local("models/clip-vit-large-patch14")),
+//!     aesthetic_model: Some("models/sac+logos+ava1-l14-linearMSE.pth".into()),
+//!     ..ScorerSpec::default()
+//! };
+//! let scorers = load_scorers(&spec)?;
+//! let images = vec!["a.png".into(), "b.jpg".into()];
+//! score_images(&images, &ScoreRequest::prompt("a red cube"), &scorers,
+//!              &ScoreImagesOptions::default(), |report| {
+//!     println!("{}", report.to_json_line());
+//!     Ok(())
+//! })?;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod aesthetic;
+pub mod clip;
+pub mod clip_score;
+pub mod clip_vision;
+pub mod error;
+pub mod image_input;
+pub mod jpeg;
+pub mod preprocess;
+pub mod pth;
+pub mod score_images;
+pub mod scorer;
+
+pub use error::{FeedbackError, Result};

@@ -1,0 +1,102 @@
+//! `agfsync score-images`: score image files with the feedback models.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use agfsync_feedback::score_images::{
+    load_scorers, score_images, Metric, ScoreImagesOptions, ScorerSpec,
+};
+use agfsync_feedback::scorer::ScoreRequest;
+use agfsync_models::hub::{resolve_model, HubOptions};
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::common::{check_dtype_device, parse_device, parse_dtype};
+
+/// Arguments of `agfsync score-images`.
+#[derive(Args, Debug, Clone)]
+pub struct ScoreArgs {
+    /// Image files (PNG, JPEG, WebP).
+    #[arg(long, num_args = 1.., required = true)]
+    pub images: Vec<PathBuf>,
+    /// The prompt the images were made from.
+    #[arg(long)]
+    pub prompt: String,
+    /// Metrics, comma separated: clip, aesthetic (vqa and hps are coming).
+    #[arg(long, default_value = "clip")]
+    pub metrics: String,
+    /// CLIP model: a transformers folder or hub id (ViT-L/14 for the
+    /// standard CLIP and aesthetic scores).
+    #[arg(long)]
+    pub clip_model: Option<String>,
+    /// LAION aesthetic predictor head (.safetensors or the original .pth).
+    #[arg(long)]
+    pub aesthetic_model: Option<PathBuf>,
+    /// Images scored together.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+/// Runs `agfsync score-images`: one JSON line per image on stdout; exits
+/// non-zero when any image could not be scored (the others still are).
+pub fn run(a: &ScoreArgs) -> Result<()> {
+    let metrics = Metric::parse_list(&a.metrics)?;
+    let device = parse_device(&a.device)?;
+    let dtype = parse_dtype(&a.dtype)?;
+    check_dtype_device(dtype, &device)?;
+    let needs_clip = metrics
+        .iter()
+        .any(|m| matches!(m, Metric::Clip | Metric::Aesthetic));
+    let clip_model = match (&a.clip_model, needs_clip) {
+        (Some(spec), _) => Some(resolve_model(spec, &HubOptions::from_env())?),
+        (None, true) => bail!("--metrics {} needs --clip-model", a.metrics),
+        (None, false) => None,
+    };
+    if metrics.contains(&Metric::Aesthetic) && a.aesthetic_model.is_none() {
+        bail!("--metrics aesthetic needs --aesthetic-model (the LAION head file)");
+    }
+    let spec = ScorerSpec {
+        metrics,
+        clip_model,
+        aesthetic_model: a.aesthetic_model.clone(),
+        dtype,
+        device,
+        batch_size: a.batch_size,
+        ..ScorerSpec::default()
+    };
+    let scorers = load_scorers(&spec)?;
+    let options = ScoreImagesOptions {
+        batch_size: a.batch_size,
+        ..ScoreImagesOptions::default()
+    };
+    let stdout = std::io::stdout();
+    let summary = score_images(
+        &a.images,
+        &ScoreRequest::prompt(&a.prompt),
+        &scorers,
+        &options,
+        |report| {
+            let mut out = stdout.lock();
+            writeln!(out, "{}", report.to_json_line()).map_err(|source| {
+                agfsync_feedback::error::FeedbackError::Io {
+                    path: PathBuf::from("<stdout>"),
+                    source,
+                }
+            })
+        },
+    )?;
+    if summary.failed > 0 {
+        bail!(
+            "{} of {} images could not be scored (see their `errors` in the output)",
+            summary.failed,
+            summary.images
+        );
+    }
+    Ok(())
+}
