@@ -17,13 +17,12 @@
 //! The pooled output is `post_layernorm` of the class token; the image
 //! embedding is that, projected by `visual_projection`.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use agfsync_models::nn::{
-    attention, merge_heads, split_heads, Activation, LayerNorm, Linear, Pass,
-};
+use agfsync_models::clip_text::EncoderLayer;
+use agfsync_models::nn::{Activation, LayerNorm, Linear, LoraRegistry, Pass};
 
 fn default_hidden() -> usize {
     768
@@ -160,54 +159,6 @@ impl ClipVisionConfig {
     }
 }
 
-#[derive(Clone, Debug)]
-struct EncoderLayer {
-    layer_norm1: LayerNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
-    layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
-    heads: usize,
-    act: Activation,
-}
-
-impl EncoderLayer {
-    fn new(cfg: &ClipVisionConfig, act: Activation, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let i = cfg.intermediate_size;
-        let a = vb.pp("self_attn");
-        Ok(Self {
-            layer_norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            q_proj: Linear::new(d, d, true, a.pp("q_proj"))?,
-            k_proj: Linear::new(d, d, true, a.pp("k_proj"))?,
-            v_proj: Linear::new(d, d, true, a.pp("v_proj"))?,
-            out_proj: Linear::new(d, d, true, a.pp("out_proj"))?,
-            layer_norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: Linear::new(d, i, true, vb.pp("mlp.fc1"))?,
-            fc2: Linear::new(i, d, true, vb.pp("mlp.fc2"))?,
-            heads: cfg.num_attention_heads,
-            act,
-        })
-    }
-
-    fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
-        let h = self.layer_norm1.forward(x, pass)?;
-        let head_dim = h.dim(D::Minus1)? / self.heads;
-        let q = split_heads(&self.q_proj.forward(&h, pass)?, self.heads)?;
-        let k = split_heads(&self.k_proj.forward(&h, pass)?, self.heads)?;
-        let v = split_heads(&self.v_proj.forward(&h, pass)?, self.heads)?;
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let o = attention(&q, &k, &v, scale, None, false, pass)?;
-        let x = (x + self.out_proj.forward(&merge_heads(&o, self.heads)?, pass)?)?;
-        let h = self.layer_norm2.forward(&x, pass)?;
-        let h = self.act.forward(&self.fc1.forward(&h, pass)?)?;
-        x + self.fc2.forward(&h, pass)?
-    }
-}
-
 /// Output of [`ClipVisionModel::forward`].
 #[derive(Clone, Debug)]
 pub struct ClipVisionOutput {
@@ -294,8 +245,20 @@ impl ClipVisionModel {
                 stdev: 0.1,
             },
         )?;
+        // The vision tower takes no adapters; its slots stay empty.
+        let lora = LoraRegistry::new();
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, act, vm.pp(format!("encoder.layers.{i}"))))
+            .map(|i| {
+                EncoderLayer::new(
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                    cfg.num_attention_heads,
+                    cfg.layer_norm_eps,
+                    act,
+                    vm.pp(format!("encoder.layers.{i}")),
+                    &lora,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let visual_projection = match projection {
             Some(dim) => Some(Linear::new(d, dim, false, vb.pp("visual_projection"))?),
@@ -359,7 +322,7 @@ impl ClipVisionModel {
         let mut x = x.broadcast_add(&pass.weight(&self.position_embedding))?;
         x = self.pre_layrnorm.forward(&x, pass)?;
         for layer in &self.layers {
-            x = layer.forward(&x, pass)?;
+            x = layer.forward(&x, None, pass)?;
         }
         let pooled = self
             .post_layernorm

@@ -100,8 +100,10 @@ impl ClipTextConfig {
     }
 }
 
+/// One pre-norm CLIP transformer layer (self-attention, then MLP), shared by
+/// the text and vision towers: transformers' `CLIPEncoderLayer`.
 #[derive(Clone, Debug)]
-struct EncoderLayer {
+pub struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -115,37 +117,43 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(
-        cfg: &ClipTextConfig,
+    /// Loads a layer of width `d`, MLP width `i` and `heads` heads from `vb`
+    /// (`self_attn.{q,k,v,out}_proj`, `layer_norm{1,2}`, `mlp.fc{1,2}`),
+    /// registering LoRA slots for its projections in `lora`.
+    pub fn new(
+        d: usize,
+        i: usize,
+        heads: usize,
+        eps: f64,
         act: Activation,
         vb: VarBuilder,
         lora: &LoraRegistry,
     ) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let i = cfg.intermediate_size;
         let a = vb.pp("self_attn");
         Ok(Self {
-            layer_norm1: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: LayerNorm::new(d, eps, vb.pp("layer_norm1"))?,
             q_proj: Linear::new_lora(d, d, true, a.pp("q_proj"), lora)?,
             k_proj: Linear::new_lora(d, d, true, a.pp("k_proj"), lora)?,
             v_proj: Linear::new_lora(d, d, true, a.pp("v_proj"), lora)?,
             out_proj: Linear::new_lora(d, d, true, a.pp("out_proj"), lora)?,
-            layer_norm2: LayerNorm::new(d, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            layer_norm2: LayerNorm::new(d, eps, vb.pp("layer_norm2"))?,
             fc1: Linear::new_lora(d, i, true, vb.pp("mlp.fc1"), lora)?,
             fc2: Linear::new_lora(i, d, true, vb.pp("mlp.fc2"), lora)?,
-            heads: cfg.num_attention_heads,
+            heads,
             act,
         })
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, pass: Pass) -> Result<Tensor> {
+    /// Applies the layer to `[b, n, d]`; `mask` is added to the attention
+    /// scores (the text tower's causal mask), none for the vision tower.
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, pass: Pass) -> Result<Tensor> {
         let h = self.layer_norm1.forward(x, pass)?;
         let head_dim = h.dim(D::Minus1)? / self.heads;
         let q = split_heads(&self.q_proj.forward(&h, pass)?, self.heads)?;
         let k = split_heads(&self.k_proj.forward(&h, pass)?, self.heads)?;
         let v = split_heads(&self.v_proj.forward(&h, pass)?, self.heads)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
-        let o = attention(&q, &k, &v, scale, Some(mask), false, pass)?;
+        let o = attention(&q, &k, &v, scale, mask, false, pass)?;
         let x = (x + self.out_proj.forward(&merge_heads(&o, self.heads)?, pass)?)?;
         let h = self.layer_norm2.forward(&x, pass)?;
         let h = self.act.forward(&self.fc1.forward(&h, pass)?)?;
@@ -238,7 +246,17 @@ impl ClipTextModel {
         )?;
         let lora = LoraRegistry::new();
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| EncoderLayer::new(cfg, act, tm.pp(format!("encoder.layers.{i}")), &lora))
+            .map(|i| {
+                EncoderLayer::new(
+                    cfg.hidden_size,
+                    cfg.intermediate_size,
+                    cfg.num_attention_heads,
+                    cfg.layer_norm_eps,
+                    act,
+                    tm.pp(format!("encoder.layers.{i}")),
+                    &lora,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(
             cfg.hidden_size,
@@ -329,7 +347,7 @@ impl ClipTextModel {
         };
         let mut at_stop = if stop == 0 { Some(x.clone()) } else { None };
         for (i, l) in self.layers.iter().enumerate() {
-            x = l.forward(&x, &mask, pass)?;
+            x = l.forward(&x, Some(&mask), pass)?;
             if i + 1 == stop {
                 at_stop = Some(x.clone());
             }
