@@ -730,3 +730,35 @@ fn lcm_replays_the_tiny_sdxl_pipeline_noise() -> Result<()> {
     eprintln!("tiny-sdxl LCM replay: worst relative error {worst:.2e}");
     Ok(())
 }
+
+#[test]
+fn build_honours_lcm_options_from_the_config() -> anyhow::Result<()> {
+    use agfsync_diffusion::schedulers::{
+        build, LcmOptions, LcmScheduler, Scheduler, SchedulerConfig, SchedulerKind,
+    };
+    let cfg = SchedulerConfig::from_json_str(
+        r#"{"_class_name": "LCMScheduler", "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012, "original_inference_steps": 8,
+            "timestep_scaling": 5.0}"#,
+    )?;
+    assert_eq!(cfg.original_inference_steps, Some(8));
+    let mut built = build(SchedulerKind::Lcm, &cfg)?;
+    built.set_timesteps(4)?;
+    let mut direct = LcmScheduler::with_options(
+        &cfg,
+        LcmOptions {
+            original_inference_steps: 8,
+            timestep_scaling: 5.0,
+        },
+    )?;
+    direct.set_timesteps(4)?;
+    assert_eq!(built.timesteps(), direct.timesteps());
+    let mut default = build(SchedulerKind::Lcm, &SchedulerConfig::from_json_str("{}")?)?;
+    default.set_timesteps(4)?;
+    assert_ne!(
+        built.timesteps(),
+        default.timesteps(),
+        "options were ignored"
+    );
+    Ok(())
+}

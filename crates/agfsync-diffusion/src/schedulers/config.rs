@@ -203,6 +203,11 @@ pub struct SchedulerConfig {
     pub lambda_min_clipped: f64,
     /// Variance type (DDPM: default fixed_small; DPM-Solver: must not be learned).
     pub variance_type: Option<VarianceType>,
+    /// LCM: length of the distillation schedule the timesteps are drawn from
+    /// (LCM's default 50 when absent).
+    pub original_inference_steps: Option<usize>,
+    /// LCM: scaling of the timestep in the boundary conditions (default 10).
+    pub timestep_scaling: Option<f64>,
 }
 
 impl Default for SchedulerConfig {
@@ -247,6 +252,8 @@ struct RawSchedulerConfig {
     #[serde(default, deserialize_with = "lenient_f64")]
     lambda_min_clipped: Option<f64>,
     variance_type: Option<VarianceType>,
+    original_inference_steps: Option<usize>,
+    timestep_scaling: Option<f64>,
 }
 
 impl From<RawSchedulerConfig> for SchedulerConfig {
@@ -283,6 +290,8 @@ impl From<RawSchedulerConfig> for SchedulerConfig {
             solver_type: r.solver_type.unwrap_or(SolverType::Midpoint),
             lambda_min_clipped: r.lambda_min_clipped.unwrap_or(f64::NEG_INFINITY),
             variance_type: r.variance_type,
+            original_inference_steps: r.original_inference_steps,
+            timestep_scaling: r.timestep_scaling,
         }
     }
 }

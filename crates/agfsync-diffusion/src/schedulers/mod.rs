@@ -341,6 +341,16 @@ pub fn build(
             Box::new(DpmSolverMultistepScheduler::new(&c)?)
         }
         SchedulerKind::Ddpm => Box::new(DdpmScheduler::new(config)?),
-        SchedulerKind::Lcm => Box::new(LcmScheduler::new(config)?),
+        SchedulerKind::Lcm => Box::new(LcmScheduler::with_options(
+            config,
+            LcmOptions {
+                original_inference_steps: config
+                    .original_inference_steps
+                    .unwrap_or(lcm::DEFAULT_ORIGINAL_INFERENCE_STEPS),
+                timestep_scaling: config
+                    .timestep_scaling
+                    .unwrap_or(lcm::DEFAULT_TIMESTEP_SCALING),
+            },
+        )?),
     })
 }
