@@ -1,12 +1,15 @@
 //! `agfsync train`: Diffusion-DPO fine-tuning of the UNet (LoRA or full).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use agfsync_dpo::checkpoint::ResumeFrom;
 use agfsync_dpo::data::PairDataset;
 use agfsync_dpo::optim::LrScheduler;
+use agfsync_dpo::pickapic::{import_parquet, ImportOptions};
 use agfsync_dpo::trainer::{train, ModelSpec, TrainConfig};
-use agfsync_models::hub::{resolve_model, HubOptions};
+use agfsync_feedback::preprocess::Resample;
+use agfsync_models::hub::{resolve_model, HubOptions, ModelSource};
+use agfsync_models::stable_diffusion::{LoadOptions, StableDiffusion};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
@@ -21,9 +24,23 @@ pub struct TrainArgs {
     pub model: String,
     /// Preference pairs: a safetensors file with `latents_w`, `latents_l`
     /// [N, C, H, W] and `prompt_embeds` [N, 77, D] (plus `add_text_embeds`,
-    /// `add_time_ids` for SDXL).
+    /// `add_time_ids` for SDXL), or a Pick-a-Pic-style `.parquet` file
+    /// (columns caption, jpg_0, jpg_1, label_0) that is encoded with the
+    /// base model first (see `agfsync import-pairs` to do that once).
     #[arg(long)]
     pub pairs: PathBuf,
+    /// Parquet pairs: side of the square training images (default: the
+    /// model's native size, UNet sample_size x VAE factor).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Parquet pairs: stop when more than this fraction of rows has an image
+    /// that fails to decode (such rows are skipped and counted).
+    #[arg(long, default_value_t = 0.05)]
+    pub max_bad_fraction: f64,
+    /// Parquet pairs: resize filter, bilinear (diffusers' DPO script),
+    /// bicubic or lanczos.
+    #[arg(long, default_value = "bilinear")]
+    pub resize_filter: String,
     /// Output folder: metrics.jsonl, TensorBoard events, checkpoints/, and
     /// the result (pytorch_lora_weights.safetensors, or unet/ with --full).
     #[arg(long)]
@@ -124,7 +141,23 @@ pub fn run(a: &TrainArgs) -> Result<()> {
     let src = resolve_model(&a.model, &HubOptions::from_env())?;
     let spec = ModelSpec::from_pipeline_dir(src.root())
         .with_context(|| format!("reading the base model {}", a.model))?;
-    let data = PairDataset::load(&a.pairs, &device)?;
+    let is_parquet = a
+        .pairs
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
+    let data = if is_parquet {
+        let opts = ParquetOpts {
+            resolution: a.resolution,
+            max_bad_fraction: a.max_bad_fraction,
+            resize_filter: a.resize_filter.clone(),
+        };
+        import(&src, &a.pairs, &opts, &device)?
+    } else {
+        if a.resolution.is_some() {
+            bail!("--resolution applies to Parquet pairs only: a safetensors pairs file holds latents already");
+        }
+        PairDataset::load(&a.pairs, &device)?
+    };
     let resume = a.resume.as_deref().map(ResumeFrom::parse);
     let pb = progress(a.steps as u64, "training");
     let summary = train(&spec, &data, &cfg, &a.out, resume, &device, &mut |m| {
@@ -143,4 +176,95 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         summary.metrics_path.display()
     );
     Ok(())
+}
+
+/// Arguments of `agfsync import-pairs`.
+#[derive(Args, Debug, Clone)]
+pub struct ImportPairsArgs {
+    /// Base model whose VAE and text encoder(s) encode the pairs.
+    #[arg(long)]
+    pub model: String,
+    /// Pick-a-Pic-style Parquet file (columns caption, jpg_0, jpg_1, label_0).
+    #[arg(long)]
+    pub parquet: PathBuf,
+    /// The pairs file to write (safetensors, what `agfsync train --pairs`
+    /// reads).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Side of the square training images (default: the model's native size).
+    #[arg(long)]
+    pub resolution: Option<usize>,
+    /// Stop when more than this fraction of rows has an image that fails to
+    /// decode (such rows are skipped and counted).
+    #[arg(long, default_value_t = 0.05)]
+    pub max_bad_fraction: f64,
+    /// Resize filter: bilinear (diffusers' DPO script), bicubic or lanczos.
+    #[arg(long, default_value = "bilinear")]
+    pub resize_filter: String,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Runs `agfsync import-pairs`.
+pub fn run_import(a: &ImportPairsArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let src = resolve_model(&a.model, &HubOptions::from_env())?;
+    let opts = ParquetOpts {
+        resolution: a.resolution,
+        max_bad_fraction: a.max_bad_fraction,
+        resize_filter: a.resize_filter.clone(),
+    };
+    let data = import(&src, &a.parquet, &opts, &device)?;
+    data.save(&a.out)?;
+    println!("{}", a.out.display());
+    Ok(())
+}
+
+/// The Parquet import settings shared by `train` and `import-pairs`.
+struct ParquetOpts {
+    resolution: Option<usize>,
+    max_bad_fraction: f64,
+    resize_filter: String,
+}
+
+/// Loads the base model and encodes the Parquet pairs with it, logging the
+/// import report.
+fn import(
+    src: &ModelSource,
+    parquet: &Path,
+    o: &ParquetOpts,
+    device: &candle_core::Device,
+) -> Result<PairDataset> {
+    let filter = match o.resize_filter.as_str() {
+        "bilinear" => Resample::Bilinear,
+        "bicubic" => Resample::Bicubic,
+        "lanczos" => Resample::Lanczos,
+        other => bail!("unknown --resize-filter `{other}`: use bilinear, bicubic or lanczos"),
+    };
+    let load = LoadOptions {
+        device: device.clone(),
+        ..LoadOptions::default()
+    };
+    let sd = StableDiffusion::load(src, &load)
+        .with_context(|| format!("loading {} to encode the pairs", src.describe("")))?;
+    let resolution = o
+        .resolution
+        .unwrap_or_else(|| sd.unet.config().sample_size * sd.vae.config().scale_factor());
+    let opts = ImportOptions {
+        max_bad_fraction: o.max_bad_fraction,
+        filter,
+        ..ImportOptions::new(resolution)
+    };
+    tracing::info!("encoding the pairs of {}", parquet.display());
+    let (data, report) = import_parquet(parquet, &sd, &opts)?;
+    tracing::info!("imported {}: {report}", parquet.display());
+    eprintln!(
+        "imported {} at {resolution}x{resolution}: {report}",
+        parquet.display()
+    );
+    for why in &report.bad_examples {
+        tracing::warn!("skipped {why}");
+    }
+    Ok(data)
 }

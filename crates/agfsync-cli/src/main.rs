@@ -46,6 +46,9 @@ enum Command {
     TinyModels(cmd_tiny::TinyArgs),
     /// Fine-tune the UNet with Diffusion-DPO on preference pairs (LoRA or full).
     Train(Box<cmd_train::TrainArgs>),
+    /// Encode a Pick-a-Pic-style Parquet file (caption, jpg_0, jpg_1,
+    /// label_0) into a pairs file for `agfsync train --pairs`.
+    ImportPairs(Box<cmd_train::ImportPairsArgs>),
     /// Run the agfsync job. With no run directory, runs the embedded tiny
     /// default on CPU in a fresh directory under ./runs.
     Run(cmd_run::RunArgs),
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::TinyModels(a) => cmd_tiny::run(&a),
         Command::Run(a) => cmd_run::run(&a),
         Command::Train(a) => cmd_train::run(&a),
+        Command::ImportPairs(a) => cmd_train::run_import(&a),
         Command::ScoreImages(a) => cmd_score::run(&a),
     };
     match result {

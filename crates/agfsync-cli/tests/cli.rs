@@ -835,3 +835,87 @@ fn score_images_on_a_transformers_clip_folder_matches_the_references() -> Result
         .is_some_and(|l| l.contains("not an image")));
     Ok(())
 }
+
+#[test]
+fn train_and_import_pairs_read_pick_a_pic_parquet() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = fixtures().join("tiny-sd15");
+    let m = model.to_str().context("utf8")?;
+    let parquet = fixtures().join("pickapic/pairs.parquet");
+    let p = parquet.to_str().context("utf8")?;
+    let out = tmp.path().join("dpo");
+    let o = out.to_str().context("utf8")?;
+    // The fixture has 1 undecodable row of 7: allow it.
+    let r = run(&[
+        "train",
+        "--model",
+        m,
+        "--pairs",
+        p,
+        "--out",
+        o,
+        "--steps",
+        "1",
+        "--max-bad-fraction",
+        "0.2",
+    ])?;
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("7 rows: 5 pairs") && stderr.contains("1 ties dropped"),
+        "{stderr}"
+    );
+    assert!(out.join("pytorch_lora_weights.safetensors").exists());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+    assert_eq!(metrics.lines().count(), 1, "{metrics}");
+    // With the default 5% the bad row stops the import.
+    let r = run(&[
+        "train", "--model", m, "--pairs", p, "--out", o, "--steps", "1",
+    ])?;
+    assert_clean_error(&r, "fail to decode");
+    // import-pairs writes a pairs file that train reads.
+    let pairs = tmp.path().join("pairs.safetensors");
+    let r = run(&[
+        "import-pairs",
+        "--model",
+        m,
+        "--parquet",
+        p,
+        "--out",
+        pairs.to_str().context("utf8")?,
+        "--max-bad-fraction",
+        "0.2",
+    ])?;
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let t = candle_core::safetensors::load(&pairs, &Device::Cpu)?;
+    assert_eq!(
+        t.get("latents_w").context("latents_w")?.dims(),
+        [5, 4, 16, 16]
+    );
+    let out2 = tmp.path().join("dpo2");
+    let r = run(&[
+        "train",
+        "--model",
+        m,
+        "--pairs",
+        pairs.to_str().context("utf8")?,
+        "--out",
+        out2.to_str().context("utf8")?,
+        "--steps",
+        "1",
+    ])?;
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // A file without label_0 names the missing column.
+    let no_label = fixtures().join("pickapic/no_label.parquet");
+    let r = run(&[
+        "train",
+        "--model",
+        m,
+        "--pairs",
+        no_label.to_str().context("utf8")?,
+        "--out",
+        o,
+    ])?;
+    assert_clean_error(&r, "missing Pick-a-Pic column(s) label_0");
+    Ok(())
+}

@@ -125,6 +125,26 @@ impl PairDataset {
         Ok(ds)
     }
 
+    /// Writes the data set as a pairs file that [`PairDataset::load`] reads
+    /// (`latents_w`, `latents_l`, `prompt_embeds` and, for SDXL,
+    /// `add_text_embeds` + `add_time_ids`), through a temporary file and a
+    /// rename, so a crash never leaves a half-written file at `path`.
+    pub fn save(&self, path: &Path) -> Result<(), DpoError> {
+        let mut t = std::collections::HashMap::new();
+        t.insert("latents_w".to_string(), self.latents_w.clone());
+        t.insert("latents_l".to_string(), self.latents_l.clone());
+        t.insert("prompt_embeds".to_string(), self.prompt_embeds.clone());
+        if let Some(a) = &self.added {
+            t.insert("add_text_embeds".to_string(), a.text_embeds.clone());
+            t.insert("add_time_ids".to_string(), a.time_ids.clone());
+        }
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        crate::safetensors_io::write_safetensors(&tmp, &t, &Default::default())?;
+        std::fs::rename(&tmp, path).map_err(|e| DpoError::io(path, e))
+    }
+
     /// Number of pairs.
     pub fn len(&self) -> usize {
         self.latents_w.dims()[0]
