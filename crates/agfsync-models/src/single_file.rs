@@ -1548,41 +1548,16 @@ fn load_text_encoder(
         file.info.path.display(),
         src.describe(sub)
     );
-    let files =
-        find_weights(src, sub, "model", opts.variant.as_deref()).map_err(ModelError::from)?;
-    let vb = open_safetensors(&files, opts.dtype, &opts.device)?;
-    Ok(
-        ClipTextModel::new(&cfg, proj, vb).map_err(|source| ModelError::Build {
-            component: sub.into(),
-            dir: src.root().join(sub),
-            source: Box::new(source),
-        })?,
-    )
+    Ok(crate::stable_diffusion::load_text_encoder(
+        src,
+        sub,
+        with_projection,
+        opts,
+    )?)
 }
 
 fn load_tokenizer(src: &ModelSource, sub: &str) -> Result<ClipTokenizer, SingleFileError> {
-    let mut dir = None;
-    for f in [
-        "tokenizer.json",
-        "vocab.json",
-        "merges.txt",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        if let Some(p) = src
-            .optional_file(&format!("{sub}/{f}"))
-            .map_err(ModelError::from)?
-        {
-            dir = p.parent().map(PathBuf::from);
-        }
-    }
-    let dir = dir.ok_or_else(|| {
-        ModelError::Unsupported(format!(
-            "{}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt)",
-            src.describe(sub)
-        ))
-    })?;
-    Ok(ClipTokenizer::from_dir(&dir).map_err(ModelError::from)?)
+    Ok(crate::stable_diffusion::load_tokenizer(src, sub)?)
 }
 
 #[cfg(test)]

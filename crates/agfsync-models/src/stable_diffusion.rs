@@ -227,7 +227,8 @@ fn parent(p: &std::path::Path) -> PathBuf {
     p.parent().map(PathBuf::from).unwrap_or_default()
 }
 
-fn load_text_encoder(
+/// Loads the CLIP text encoder in `sub` of a pipeline.
+pub(crate) fn load_text_encoder(
     src: &ModelSource,
     sub: &str,
     with_projection: bool,
@@ -251,7 +252,9 @@ fn load_text_encoder(
     })
 }
 
-fn load_tokenizer(src: &ModelSource, sub: &str) -> Result<ClipTokenizer> {
+/// Loads the CLIP tokenizer in `sub` of a pipeline (fetching its files from
+/// the hub when needed).
+pub(crate) fn load_tokenizer(src: &ModelSource, sub: &str) -> Result<ClipTokenizer> {
     // Fetch whichever tokenizer files exist so hub sources have them locally.
     let mut dir = None;
     for f in [
