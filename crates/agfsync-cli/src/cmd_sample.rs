@@ -275,10 +275,21 @@ pub fn run(a: &SampleArgs) -> Result<()> {
         crops_coords_top_left: a.crops_coords_top_left.unwrap_or((0, 0)),
         target_size: a.target_size.unwrap_or((height, width)),
     };
-    let negative_list = a.negative_prompt.clone().map(|n| vec![n]);
-    let negative = |b: usize, list: &Option<Vec<String>>| -> Option<Vec<String>> {
-        list.as_ref().map(|l| vec![l[0].clone(); b])
+    // The prompt is the same for every image: encode it once, for a full batch.
+    let full = a.batch_size.min(a.num_images);
+    let prompts = vec![a.prompt.clone(); full];
+    let negatives = a.negative_prompt.clone().map(|n| vec![n; full]);
+    let neg = match (&negatives, a.guidance_scale > 1.0) {
+        (_, false) => Negative::None,
+        (Some(n), true) => Negative::Prompts(n),
+        (None, true) => Negative::Default,
     };
+    let (full_text, report) = encode_prompts(&sd, &prompts, neg, a.clip_skip, Some(&xl))?;
+    if !report.truncated.is_empty() {
+        tracing::warn!(
+            "the prompt is longer than the text encoder's 77 tokens: the rest was truncated (as diffusers does)"
+        );
+    }
     let mut finals = Vec::with_capacity(a.num_images);
     let pb = progress((a.num_images * a.steps) as u64, "sampling");
     let mut start = 0;
@@ -298,19 +309,7 @@ pub fn run(a: &SampleArgs) -> Result<()> {
                 Tensor::cat(&rows, 0)?
             }
         };
-        let prompts = vec![a.prompt.clone(); b];
-        let negs = negative(b, &negative_list);
-        let neg = match (&negs, a.guidance_scale > 1.0) {
-            (_, false) => Negative::None,
-            (Some(n), true) => Negative::Prompts(n),
-            (None, true) => Negative::Default,
-        };
-        let (text, report) = encode_prompts(&sd, &prompts, neg, a.clip_skip, Some(&xl))?;
-        if start == 0 && !report.truncated.is_empty() {
-            tracing::warn!(
-                "the prompt is longer than the text encoder's 77 tokens: the rest was truncated (as diffusers does)"
-            );
-        }
+        let text = full_text.first_rows(b)?;
         // Noise drawn during sampling (ancestral schedulers, DDIM eta > 0)
         // comes from a generator of the batch's first seed.
         let mut rng = Generator::new(a.seed.wrapping_add(start as u64) ^ 0x5eed);

@@ -25,6 +25,28 @@ pub struct TextConditioning {
     pub added: Option<(AddedCondition, AddedCondition)>,
 }
 
+impl TextConditioning {
+    /// The first `n` rows of every tensor (a smaller last batch reuses the
+    /// conditioning encoded for a full one).
+    pub fn first_rows(&self, n: usize) -> Result<Self> {
+        let rows = |t: &Tensor| t.narrow(0, 0, n);
+        let added_rows = |a: &AddedCondition| -> Result<AddedCondition> {
+            Ok(AddedCondition {
+                text_embeds: rows(&a.text_embeds)?,
+                time_ids: rows(&a.time_ids)?,
+            })
+        };
+        Ok(Self {
+            cond: rows(&self.cond)?,
+            uncond: self.uncond.as_ref().map(rows).transpose()?,
+            added: match &self.added {
+                Some((c, u)) => Some((added_rows(c)?, added_rows(u)?)),
+                None => None,
+            },
+        })
+    }
+}
+
 /// What [`encode_prompts`] found worth telling the user.
 #[derive(Clone, Debug, Default)]
 pub struct EncodeReport {

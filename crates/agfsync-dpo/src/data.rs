@@ -9,14 +9,9 @@ use agfsync_diffusion::rng::Generator;
 
 use crate::error::DpoError;
 
-/// SDXL's added conditioning per pair.
-#[derive(Clone, Debug)]
-pub struct AddedCond {
-    /// Pooled text embeddings, `[N, d]`.
-    pub text_embeds: Tensor,
-    /// Micro-conditioning time ids, `[N, 6]`.
-    pub time_ids: Tensor,
-}
+/// SDXL's added conditioning per pair (pooled text embeddings `[N, d]`,
+/// time ids `[N, 6]`): the UNet's own type.
+pub use agfsync_models::unet_2d_condition::AddedCondition as AddedCond;
 
 /// `N` preference pairs: winner and loser latents (already scaled by the
 /// VAE's scaling factor), the prompt's text embeddings and, for SDXL, the
@@ -228,6 +223,22 @@ pub struct Batch {
     pub prompt_embeds: Tensor,
     /// SDXL's added conditioning, `[b, ...]`.
     pub added: Option<AddedCond>,
+}
+
+impl Batch {
+    /// The text conditioning repeated for winners then losers, which the
+    /// trainer stacks into one UNet batch: `([2b, seq, d], added [2b, ...])`.
+    pub fn doubled_condition(&self) -> candle_core::Result<(Tensor, Option<AddedCond>)> {
+        let twice = |t: &Tensor| Tensor::cat(&[t, t], 0);
+        let added = match &self.added {
+            Some(a) => Some(AddedCond {
+                text_embeds: twice(&a.text_embeds)?,
+                time_ids: twice(&a.time_ids)?,
+            }),
+            None => None,
+        };
+        Ok((twice(&self.prompt_embeds)?, added))
+    }
 }
 
 /// Mixes a seed with a stream tag and a counter into a generator seed

@@ -15,9 +15,7 @@ use std::time::Instant;
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{PredictionType, SchedulerConfig};
 use agfsync_models::nn::{LoraAdapter, Pass};
-use agfsync_models::unet_2d_condition::{
-    AddedCondition, UNet2DConditionConfig, UNet2DConditionModel,
-};
+use agfsync_models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use agfsync_models::weights::open_safetensors;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -600,13 +598,13 @@ impl Trainer {
         let tw = loss::training_target(target, &batch.latents_w, noise, &abar)?;
         let t_w = Tensor::from_vec(ts.to_vec(), b, &self.device)?;
         if self.cfg.sft {
-            let added = batch.added.as_ref().map(|a| AddedCondition {
-                text_embeds: a.text_embeds.clone(),
-                time_ids: a.time_ids.clone(),
-            });
-            let pred =
-                self.unet
-                    .forward(&xw, &t_w, &batch.prompt_embeds, added.as_ref(), Pass::TRAIN)?;
+            let pred = self.unet.forward(
+                &xw,
+                &t_w,
+                &batch.prompt_embeds,
+                batch.added.as_ref(),
+                Pass::TRAIN,
+            )?;
             let l = loss::sft_loss(&pred, &tw)?;
             let v = f64::from(l.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             return Ok(MicroOut {
@@ -622,14 +620,7 @@ impl Trainer {
         let tl = loss::training_target(target, &batch.latents_l, noise, &abar)?;
         let x = Tensor::cat(&[&xw, &xl], 0)?;
         let t2 = Tensor::cat(&[&t_w, &t_w], 0)?;
-        let ehs = Tensor::cat(&[&batch.prompt_embeds, &batch.prompt_embeds], 0)?;
-        let added = match &batch.added {
-            Some(a) => Some(AddedCondition {
-                text_embeds: Tensor::cat(&[&a.text_embeds, &a.text_embeds], 0)?,
-                time_ids: Tensor::cat(&[&a.time_ids, &a.time_ids], 0)?,
-            }),
-            None => None,
-        };
+        let (ehs, added) = batch.doubled_condition()?;
         let pred = self
             .unet
             .forward(&x, &t2, &ehs, added.as_ref(), Pass::TRAIN)?;
@@ -777,14 +768,7 @@ impl Trainer {
                 let tl = loss::training_target(target, &batch.latents_l, &noise, &abar)?;
                 let x = Tensor::cat(&[&xw, &xl], 0)?;
                 let ts = Tensor::new(&[t, t], &self.device)?;
-                let ehs = Tensor::cat(&[&batch.prompt_embeds, &batch.prompt_embeds], 0)?;
-                let added = match &batch.added {
-                    Some(a) => Some(AddedCondition {
-                        text_embeds: Tensor::cat(&[&a.text_embeds, &a.text_embeds], 0)?,
-                        time_ids: Tensor::cat(&[&a.time_ids, &a.time_ids], 0)?,
-                    }),
-                    None => None,
-                };
+                let (ehs, added) = batch.doubled_condition()?;
                 let pred = self
                     .unet
                     .forward(&x, &ts, &ehs, added.as_ref(), Pass::INFERENCE)?;

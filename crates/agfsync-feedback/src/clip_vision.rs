@@ -247,19 +247,16 @@ impl ClipVisionModel {
         )?;
         // The vision tower takes no adapters; its slots stay empty.
         let lora = LoraRegistry::new();
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                EncoderLayer::new(
-                    cfg.hidden_size,
-                    cfg.intermediate_size,
-                    cfg.num_attention_heads,
-                    cfg.layer_norm_eps,
-                    act,
-                    vm.pp(format!("encoder.layers.{i}")),
-                    &lora,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = EncoderLayer::stack(
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+            act,
+            vm.pp("encoder.layers"),
+            &lora,
+        )?;
         let visual_projection = match projection {
             Some(dim) => Some(Linear::new(d, dim, false, vb.pp("visual_projection"))?),
             None => None,

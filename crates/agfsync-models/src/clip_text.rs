@@ -144,6 +144,24 @@ impl EncoderLayer {
         })
     }
 
+    /// The `n` layers `{vb}.{i}` of a tower of width `d` (shared by the text
+    /// and vision towers).
+    #[allow(clippy::too_many_arguments)]
+    pub fn stack(
+        n: usize,
+        d: usize,
+        i: usize,
+        heads: usize,
+        eps: f64,
+        act: Activation,
+        vb: VarBuilder,
+        lora: &LoraRegistry,
+    ) -> Result<Vec<Self>> {
+        (0..n)
+            .map(|k| Self::new(d, i, heads, eps, act, vb.pp(k), lora))
+            .collect()
+    }
+
     /// Applies the layer to `[b, n, d]`; `mask` is added to the attention
     /// scores (the text tower's causal mask), none for the vision tower.
     pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, pass: Pass) -> Result<Tensor> {
@@ -245,19 +263,16 @@ impl ClipTextModel {
             },
         )?;
         let lora = LoraRegistry::new();
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                EncoderLayer::new(
-                    cfg.hidden_size,
-                    cfg.intermediate_size,
-                    cfg.num_attention_heads,
-                    cfg.layer_norm_eps,
-                    act,
-                    tm.pp(format!("encoder.layers.{i}")),
-                    &lora,
-                )
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = EncoderLayer::stack(
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+            cfg.layer_norm_eps,
+            act,
+            tm.pp("encoder.layers"),
+            &lora,
+        )?;
         let final_layer_norm = LayerNorm::new(
             cfg.hidden_size,
             cfg.layer_norm_eps,

@@ -182,11 +182,7 @@ impl Scheduler for DdimScheduler {
         rng: &mut Generator,
     ) -> candle_core::Result<Tensor> {
         let noise = if self.eta > 0.0 {
-            Some(rng.randn(
-                model_output.shape(),
-                model_output.dtype(),
-                model_output.device(),
-            )?)
+            Some(rng.randn_like(model_output)?)
         } else {
             None
         };

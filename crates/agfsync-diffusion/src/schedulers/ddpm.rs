@@ -270,11 +270,7 @@ impl Scheduler for DdpmScheduler {
     ) -> candle_core::Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
         let noise = if self.timesteps[step_index] > 0.0 {
-            Some(rng.randn(
-                model_output.shape(),
-                model_output.dtype(),
-                model_output.device(),
-            )?)
+            Some(rng.randn_like(model_output)?)
         } else {
             None
         };

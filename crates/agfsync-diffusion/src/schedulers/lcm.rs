@@ -381,11 +381,7 @@ impl Scheduler for LcmScheduler {
     ) -> candle_core::Result<Tensor> {
         check_step_index(step_index, self.timesteps.len())?;
         let noise = if step_index + 1 < self.timesteps.len() {
-            Some(rng.randn(
-                model_output.shape(),
-                model_output.dtype(),
-                model_output.device(),
-            )?)
+            Some(rng.randn_like(model_output)?)
         } else {
             None
         };
