@@ -18,17 +18,20 @@ use crate::common::{parse_device, progress};
 /// Arguments of `agfsync train`.
 #[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
+    /// A run directory: train on its pairs with its `[train]` settings
+    /// (then --model, --pairs and --out are not used).
+    pub run: Option<PathBuf>,
     /// Base model: a diffusers pipeline folder or hub id (its unet/ and
     /// scheduler/ are used).
     #[arg(long)]
-    pub model: String,
+    pub model: Option<String>,
     /// Preference pairs: a safetensors file with `latents_w`, `latents_l`
     /// [N, C, H, W] and `prompt_embeds` [N, 77, D] (plus `add_text_embeds`,
     /// `add_time_ids` for SDXL), or a Pick-a-Pic-style `.parquet` file
     /// (columns caption, jpg_0, jpg_1, label_0) that is encoded with the
     /// base model first (see `agfsync import-pairs` to do that once).
     #[arg(long)]
-    pub pairs: PathBuf,
+    pub pairs: Option<PathBuf>,
     /// Parquet pairs: side of the square training images (default: the
     /// model's native size, UNet sample_size x VAE factor).
     #[arg(long)]
@@ -44,7 +47,7 @@ pub struct TrainArgs {
     /// Output folder: metrics.jsonl, TensorBoard events, checkpoints/, and
     /// the result (pytorch_lora_weights.safetensors, or unet/ with --full).
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Optimizer steps.
     #[arg(long, default_value_t = 1000)]
     pub steps: usize,
@@ -105,7 +108,21 @@ pub struct TrainArgs {
 }
 
 /// Runs `agfsync train`.
-pub fn run(a: &TrainArgs) -> Result<()> {
+pub fn run(a: &TrainArgs, quiet: bool) -> Result<()> {
+    if let Some(dir) = &a.run {
+        if a.model.is_some() || a.pairs.is_some() || a.out.is_some() {
+            bail!("with a run directory, training reads the run's model, pairs and [train] settings: drop --model, --pairs and --out");
+        }
+        let target = crate::cmd_pipeline::RunTarget {
+            dir: dir.clone(),
+            shard: None,
+            json: false,
+        };
+        return crate::cmd_pipeline::stage(&target, agfsync_pipeline::Stage::Train, quiet);
+    }
+    let (Some(model), Some(pairs), Some(out)) = (&a.model, &a.pairs, &a.out) else {
+        bail!("give a run directory (`agfsync train RUN`), or --model, --pairs and --out");
+    };
     if a.dtype != "f32" {
         bail!("--dtype {}: training runs in f32 for now", a.dtype);
     }
@@ -138,11 +155,10 @@ pub fn run(a: &TrainArgs) -> Result<()> {
         ..TrainConfig::default()
     };
     cfg.validate()?;
-    let src = resolve_model(&a.model, &HubOptions::from_env())?;
+    let src = resolve_model(model, &HubOptions::from_env())?;
     let spec = ModelSpec::from_pipeline_dir(src.root())
-        .with_context(|| format!("reading the base model {}", a.model))?;
-    let is_parquet = a
-        .pairs
+        .with_context(|| format!("reading the base model {model}"))?;
+    let is_parquet = pairs
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("parquet"));
     let data = if is_parquet {
@@ -151,16 +167,16 @@ pub fn run(a: &TrainArgs) -> Result<()> {
             max_bad_fraction: a.max_bad_fraction,
             resize_filter: a.resize_filter.clone(),
         };
-        import(&src, &a.pairs, &opts, &device)?
+        import(&src, pairs, &opts, &device)?
     } else {
         if a.resolution.is_some() {
             bail!("--resolution applies to Parquet pairs only: a safetensors pairs file holds latents already");
         }
-        PairDataset::load(&a.pairs, &device)?
+        PairDataset::load(pairs, &device)?
     };
     let resume = a.resume.as_deref().map(ResumeFrom::parse);
     let pb = progress(a.steps as u64, "training");
-    let summary = train(&spec, &data, &cfg, &a.out, resume, &device, &mut |m| {
+    let summary = train(&spec, &data, &cfg, out, resume, &device, &mut |m| {
         pb.set_position(m.step as u64);
         pb.set_message(format!(
             "loss {:.4} acc {}",

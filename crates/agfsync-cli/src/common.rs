@@ -4,8 +4,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Sets up `tracing` output on stderr.
-pub fn init_logging(verbose: u8, quiet: bool) {
+/// Sets up `tracing` output on stderr and, for commands on a run, appended
+/// to the run's log file (with timestamps and all fields, at debug level).
+pub fn init_logging(verbose: u8, quiet: bool, file: Option<&std::path::Path>) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let default = match (quiet, verbose) {
         (true, _) => "warn",
         (false, 0) => "info",
@@ -14,11 +18,34 @@ pub fn init_logging(verbose: u8, quiet: bool) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false)
         .without_time()
+        .with_filter(filter);
+    let file_layer = file.and_then(|path| {
+        let dir = path.parent()?;
+        // The log sits beside the run's own files: make the folder only when
+        // the run directory itself exists (a typo must not create it).
+        if !dir.parent().is_some_and(|run| run.is_dir()) {
+            return None;
+        }
+        std::fs::create_dir_all(dir).ok()?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .ok()?;
+        Some(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false)
+                .with_filter(tracing_subscriber::filter::LevelFilter::DEBUG),
+        )
+    });
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file_layer)
         .try_init();
 }
 

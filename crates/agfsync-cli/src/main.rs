@@ -4,7 +4,7 @@
 //! This binary is a thin layer over the library crates: it parses arguments,
 //! sets up logging and progress bars, and maps errors to exit codes.
 
-mod cmd_run;
+mod cmd_pipeline;
 mod cmd_sample;
 mod cmd_score;
 mod cmd_tiny;
@@ -14,6 +14,7 @@ mod images;
 
 use std::process::ExitCode;
 
+use agfsync_pipeline::Stage;
 use clap::{Parser, Subcommand};
 
 /// agfsync: AI-feedback preference optimisation for Stable Diffusion.
@@ -49,9 +50,48 @@ enum Command {
     /// Encode a Pick-a-Pic-style Parquet file (caption, jpg_0, jpg_1,
     /// label_0) into a pairs file for `agfsync train --pairs`.
     ImportPairs(Box<cmd_train::ImportPairsArgs>),
-    /// Run the agfsync job. With no run directory, runs the embedded tiny
-    /// default on CPU in a fresh directory under ./runs.
-    Run(cmd_run::RunArgs),
+    /// Run the whole loop on a run directory (prompts, questions, generate,
+    /// score, pairs, train), skipping what is done. With no directory, runs
+    /// the embedded tiny default on CPU in a fresh directory under ./runs.
+    Run(cmd_pipeline::RunArgs),
+    /// Create a run directory with a commented agfsync.toml (and, for the
+    /// tiny preset, tiny random-weight models).
+    Init(cmd_pipeline::InitArgs),
+    /// Show each stage's progress in a run (read from the store).
+    Status(cmd_pipeline::RunTarget),
+    /// Stage 1: put the configured prompts into the run.
+    Prompts(cmd_pipeline::RunTarget),
+    /// Stage 2: put the configured questions into the run.
+    Questions(cmd_pipeline::RunTarget),
+    /// Stage 3: generate the candidate images (N per prompt).
+    Generate(cmd_pipeline::RunTarget),
+    /// Stage 4: score every candidate with the configured metrics.
+    Score(cmd_pipeline::RunTarget),
+    /// Stage 5: choose one preference pair per prompt.
+    Pairs(cmd_pipeline::RunTarget),
+    /// Merge shard stores into a run (same agfsync.toml required).
+    Merge(cmd_pipeline::MergeArgs),
+    /// Export a run's pairs (Pick-a-Pic Parquet), candidates and scores
+    /// (JSONL) or an image-folder view.
+    Export(cmd_pipeline::ExportArgs),
+}
+
+/// The run directory's log file for commands that work on a run
+/// (`DIR/logs/agfsync.log`, appended to), so a long job keeps its history.
+fn log_file(cmd: &Command) -> Option<std::path::PathBuf> {
+    let dir = match cmd {
+        Command::Run(a) => a.dir.clone()?,
+        Command::Status(_) => return None,
+        Command::Prompts(t)
+        | Command::Questions(t)
+        | Command::Generate(t)
+        | Command::Score(t)
+        | Command::Pairs(t) => t.dir.clone(),
+        Command::Train(a) => a.run.clone()?,
+        Command::Merge(a) => a.out.clone(),
+        _ => return None,
+    };
+    Some(dir.join("logs").join("agfsync.log"))
 }
 
 fn main() -> ExitCode {
@@ -62,12 +102,25 @@ fn main() -> ExitCode {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() && cli.verbose < 2 {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
-    common::init_logging(cli.verbose, cli.quiet);
+    let mut cli = cli;
+    if let Command::Run(a) = &mut cli.command {
+        cmd_pipeline::choose_default_dir(a);
+    }
+    common::init_logging(cli.verbose, cli.quiet, log_file(&cli.command).as_deref());
     let result = match cli.command {
         Command::Sample(a) => cmd_sample::run(&a),
         Command::TinyModels(a) => cmd_tiny::run(&a),
-        Command::Run(a) => cmd_run::run(&a),
-        Command::Train(a) => cmd_train::run(&a),
+        Command::Run(a) => cmd_pipeline::run(&a, cli.quiet),
+        Command::Init(a) => cmd_pipeline::init(&a),
+        Command::Status(a) => cmd_pipeline::status(&a),
+        Command::Prompts(a) => cmd_pipeline::stage(&a, Stage::Prompts, cli.quiet),
+        Command::Questions(a) => cmd_pipeline::stage(&a, Stage::Questions, cli.quiet),
+        Command::Generate(a) => cmd_pipeline::stage(&a, Stage::Generate, cli.quiet),
+        Command::Score(a) => cmd_pipeline::stage(&a, Stage::Score, cli.quiet),
+        Command::Pairs(a) => cmd_pipeline::stage(&a, Stage::Pairs, cli.quiet),
+        Command::Merge(a) => cmd_pipeline::merge(&a),
+        Command::Export(a) => cmd_pipeline::export(&a),
+        Command::Train(a) => cmd_train::run(&a, cli.quiet),
         Command::ImportPairs(a) => cmd_train::run_import(&a),
         Command::ScoreImages(a) => cmd_score::run(&a),
     };

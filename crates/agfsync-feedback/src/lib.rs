@@ -54,5 +54,6 @@ pub mod preprocess;
 pub mod pth;
 pub mod score_images;
 pub mod scorer;
+pub mod tiny;
 
 pub use error::{FeedbackError, Result};

@@ -101,15 +101,26 @@ fn check_header(path: &Path) -> Result<()> {
 /// Writes `tensors` to a safetensors file atomically (temporary file, then
 /// rename), so a crash never leaves a half-written checkpoint behind.
 pub fn save_safetensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = path.with_extension("safetensors.tmp");
-    candle_core::safetensors::save(tensors, &tmp).map_err(|source| ModelError::Weights {
-        path: tmp.clone(),
-        source: Box::new(source),
-    })?;
-    std::fs::rename(&tmp, path).map_err(|source| ModelError::Io {
+    let io = |path: &Path, source: std::io::Error| ModelError::Io {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    candle_core::safetensors::save(tensors, &tmp).map_err(|e| {
+        io(
+            &tmp,
+            std::io::Error::other(format!("writing safetensors: {e}")),
+        )
+    })?;
+    // Flush the data before the rename makes it visible: after a power loss
+    // the name must not point at a file whose blocks never reached the disk.
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))
 }
 
 /// A [`VarBuilder`] backend that makes up deterministic random weights (from a

@@ -1,0 +1,300 @@
+//! End-to-end tests of the run commands on the tiny preset: the whole loop,
+//! crash safety (processes aborted at the worst points and SIGKILLed, then
+//! rerun), shards merged back, exports, and bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::{Mutex, OnceLock};
+
+use agfsync_store::{pickapic::read_pickapic, Store};
+use anyhow::{ensure, Context, Result};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_agfsync"));
+    c.env("HF_HUB_OFFLINE", "1")
+        .env_remove("AGFSYNC_FAULT")
+        .env_remove("SLURM_ARRAY_TASK_ID")
+        .env_remove("RANK")
+        .env_remove("JOB_COMPLETION_INDEX");
+    c
+}
+
+fn agfsync(args: &[&str]) -> Result<Output> {
+    Ok(bin().args(args).output()?)
+}
+
+fn ok(out: &Output) -> Result<()> {
+    ensure!(
+        out.status.success(),
+        "agfsync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap_or_default()
+}
+
+/// `agfsync init --preset tiny` with a smaller loop: 3 prompts, 3
+/// candidates each, batches of 2 (so batches straddle prompts), 2 steps,
+/// 4 training steps with a checkpoint every 2.
+fn init_small(dir: &Path) -> Result<()> {
+    ok(&agfsync(&["init", s(dir), "--preset", "tiny"])?)?;
+    let cfg = dir.join("agfsync.toml");
+    let text = std::fs::read_to_string(&cfg)?
+        .replace("limit = 4", "limit = 3")
+        .replace("candidates = 4", "candidates = 3")
+        .replace("steps = 4\nguidance_scale", "steps = 2\nguidance_scale")
+        .replace("batch_size = 4", "batch_size = 2");
+    std::fs::write(&cfg, text)?;
+    Ok(())
+}
+
+/// Everything a run decides, as comparable text: candidate rows and the
+/// bytes of their files, score values, pairs, and the trained weights.
+fn fingerprint(dir: &Path, with_training: bool) -> Result<BTreeMap<String, String>> {
+    let store = Store::open(dir)?;
+    store.check_integrity()?;
+    let mut out = BTreeMap::new();
+    for c in store.candidates(None)? {
+        let img = std::fs::read(dir.join(&c.image))?;
+        let lat = std::fs::read(dir.join(&c.latents))?;
+        out.insert(
+            format!("cand {} {}", c.pid, c.idx),
+            format!(
+                "{} {:?} {} {}",
+                c.seed,
+                c.noise_seed,
+                agfsync_store::prompt_id("", &format!("{img:?}")),
+                agfsync_store::prompt_id("", &format!("{lat:?}"))
+            ),
+        );
+    }
+    for sc in store.scores()? {
+        out.insert(
+            format!("score {} {} {}", sc.pid, sc.idx, sc.metric),
+            format!("{:?} {:?}", sc.value, sc.error),
+        );
+    }
+    for p in store.pairs()? {
+        out.insert(
+            format!("pair {}", p.pid),
+            format!("{} {:?} {:?}", p.status, p.winner, p.loser),
+        );
+    }
+    if with_training {
+        let w = std::fs::read(dir.join("train/dpo/pytorch_lora_weights.safetensors"))?;
+        out.insert(
+            "lora".into(),
+            agfsync_store::prompt_id("", &format!("{w:?}")),
+        );
+    }
+    Ok(out)
+}
+
+/// One uninterrupted reference run, shared by the tests that compare with it.
+fn reference() -> Result<PathBuf> {
+    static REF: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
+    let lock = REF.get_or_init(|| Mutex::new(None));
+    let mut guard = lock.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    if let Some(p) = guard.as_ref() {
+        return Ok(p.clone());
+    }
+    let dir = tempfile::tempdir()?.keep().join("reference");
+    init_small(&dir)?;
+    ok(&agfsync(&["run", s(&dir)])?)?;
+    *guard = Some(dir.clone());
+    Ok(dir)
+}
+
+#[test]
+fn run_completes_every_stage_and_status_says_so() -> Result<()> {
+    let dir = reference()?;
+    let out = agfsync(&["status", s(&dir), "--json"])?;
+    ok(&out)?;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let stages = st["stages"].as_array().context("stages")?;
+    assert_eq!(stages.len(), 6);
+    for stage in stages {
+        assert_eq!(stage["done"], stage["total"], "{stage}");
+        assert!(stage["total"].as_u64().unwrap_or(0) > 0, "{stage}");
+    }
+    assert_eq!(st["counts"]["candidates"], 9);
+    assert_eq!(st["counts"]["scores"], 18);
+    assert!(dir
+        .join("train/dpo/pytorch_lora_weights.safetensors")
+        .is_file());
+    assert!(dir.join("logs/agfsync.log").is_file());
+    // A second run redoes nothing.
+    let again = agfsync(&["run", s(&dir), "--json"])?;
+    ok(&again)?;
+    let rep: serde_json::Value = serde_json::from_slice(&again.stdout)?;
+    assert_eq!(rep["generate"]["done"], 0, "{rep}");
+    assert_eq!(rep["score"]["done"], 0, "{rep}");
+    assert_eq!(rep["train"]["skipped"], 1, "{rep}");
+    Ok(())
+}
+
+#[test]
+fn killed_runs_resume_to_the_uninterrupted_result() -> Result<()> {
+    let reference = reference()?;
+    let dir = tempfile::tempdir()?;
+    let dir = dir.path().join("crashy");
+    init_small(&dir)?;
+    // Abort (no cleanup, like SIGKILL) at the worst points: files written
+    // but rows not committed, and mid-training after a checkpoint.
+    for point in [
+        "generate.before_commit:2",
+        "generate.after_commit:1",
+        "score.before_commit:2",
+        "pairs.before_commit",
+        "train.step:3",
+    ] {
+        let out = bin()
+            .args(["run", s(&dir)])
+            .env("AGFSYNC_FAULT", point)
+            .output()?;
+        assert!(!out.status.success(), "{point}: the fault did not fire");
+        // After each crash the store opens and status answers.
+        ok(&agfsync(&["status", s(&dir)])?)?;
+    }
+    // A real SIGKILL from outside, while the run is working.
+    let mut child = bin().args(["run", s(&dir)]).spawn()?;
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let _ = child.kill();
+    let _ = child.wait();
+    ok(&agfsync(&["run", s(&dir)])?)?;
+    assert_eq!(fingerprint(&dir, true)?, fingerprint(&reference, true)?);
+    Ok(())
+}
+
+#[test]
+fn two_shards_merged_equal_one_unsharded_run() -> Result<()> {
+    let reference = reference()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("sharded");
+    init_small(&dir)?;
+    for shard in ["0/2", "1/2"] {
+        ok(&agfsync(&["run", s(&dir), "--shard", shard])?)?;
+    }
+    // The second shard through the Slurm array environment instead of the flag.
+    let out = bin()
+        .args(["status", s(&dir), "--json"])
+        .env("SLURM_ARRAY_TASK_ID", "1")
+        .env("SLURM_ARRAY_TASK_COUNT", "2")
+        .output()?;
+    ok(&out)?;
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(st["shard"], "1/2");
+    assert_eq!(st["counts"]["prompts"], 1);
+    ok(&agfsync(&[
+        "merge",
+        s(&dir),
+        s(&dir.join("shards/0-of-2")),
+        s(&dir.join("shards/1-of-2")),
+    ])?)?;
+    ok(&agfsync(&["pairs", s(&dir)])?)?;
+    assert_eq!(fingerprint(&dir, false)?, fingerprint(&reference, false)?);
+    Ok(())
+}
+
+#[test]
+fn merge_refuses_a_shard_of_another_config() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    init_small(&a)?;
+    init_small(&b)?;
+    let cfg = b.join("agfsync.toml");
+    let text = std::fs::read_to_string(&cfg)?.replace("seed = 0", "seed = 1");
+    std::fs::write(&cfg, text)?;
+    ok(&agfsync(&["prompts", s(&b), "--shard", "0/2"])?)?;
+    let out = agfsync(&["merge", s(&a), s(&b.join("shards/0-of-2"))])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("different config"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn exported_pairs_read_back_as_pickapic() -> Result<()> {
+    let dir = reference()?;
+    let tmp = tempfile::tempdir()?;
+    let file = tmp.path().join("pairs.parquet");
+    let jsonl = tmp.path().join("candidates.jsonl");
+    let view = tmp.path().join("view");
+    ok(&agfsync(&[
+        "export",
+        s(&dir),
+        "--pairs",
+        s(&file),
+        "--candidates",
+        s(&jsonl),
+        "--images",
+        s(&view),
+    ])?)?;
+    let rows = read_pickapic(&file)?;
+    let store = Store::open(&dir)?;
+    let pairs: Vec<_> = store
+        .pairs()?
+        .into_iter()
+        .filter(|p| p.status == "pair")
+        .collect();
+    assert_eq!(rows.len(), pairs.len());
+    let prompts = store.prompts()?;
+    for (row, pair) in rows.iter().zip(&pairs) {
+        assert_eq!(row.label_0, 1.0);
+        assert_eq!(row.prompt_id, pair.pid);
+        let text = &prompts
+            .iter()
+            .find(|p| p.pid == pair.pid)
+            .context("prompt")?
+            .text;
+        assert_eq!(&row.caption, text);
+        let winner = store
+            .candidates(Some(&pair.pid))?
+            .into_iter()
+            .find(|c| Some(c.idx) == pair.winner)
+            .context("winner")?;
+        assert_eq!(row.jpg_0, std::fs::read(dir.join(&winner.image))?);
+    }
+    assert_eq!(std::fs::read_to_string(&jsonl)?.lines().count(), 9);
+    assert!(std::fs::read_dir(&view)?.count() == 3);
+    Ok(())
+}
+
+#[test]
+fn a_misspelt_config_key_is_named_with_its_line_and_nothing_is_written() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("r");
+    init_small(&dir)?;
+    let cfg = dir.join("agfsync.toml");
+    let text = std::fs::read_to_string(&cfg)?.replace("min_gap = 0.0", "min_gapp = 0.0");
+    std::fs::write(&cfg, text)?;
+    let out = agfsync(&["run", s(&dir)])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("min_gapp") && err.contains("line"), "{err}");
+    assert!(!dir.join("images").exists());
+    Ok(())
+}
+
+#[test]
+fn bad_shard_specs_and_missing_runs_are_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("r");
+    init_small(&dir)?;
+    let out = agfsync(&["run", s(&dir), "--shard", "3/2"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("3/2"));
+    let out = agfsync(&["status", s(&tmp.path().join("nope"))])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("agfsync init"));
+    // init refuses to overwrite a run.
+    let out = agfsync(&["init", s(&dir)])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! Fault injection for the crash tests: `AGFSYNC_FAULT=<point>[:<n>]` makes
+//! the process abort (no unwinding, no destructors, no flushes: what SIGKILL
+//! or a power cut does to a process) the `n`-th time (default 1st) it
+//! reaches the named point. Points sit where a crash hurts most: after a
+//! unit's files are written and before its rows are committed.
+//!
+//! Reading one environment variable per unit costs nothing next to a UNet
+//! batch; without the variable the hook does nothing.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static HITS: AtomicUsize = AtomicUsize::new(0);
+
+/// Aborts the process if `AGFSYNC_FAULT` names `point` and this is the
+/// requested hit.
+pub fn point(name: &str) {
+    let Ok(spec) = std::env::var("AGFSYNC_FAULT") else {
+        return;
+    };
+    let (target, nth) = match spec.split_once(':') {
+        Some((t, n)) => (t, n.parse::<usize>().unwrap_or(1)),
+        None => (spec.as_str(), 1),
+    };
+    if target != name {
+        return;
+    }
+    if HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
+        eprintln!("AGFSYNC_FAULT: aborting at {name} (hit {nth})");
+        std::process::abort();
+    }
+}

@@ -1,0 +1,479 @@
+//! The prompts and questions stages' inputs: the built-in set (one prompt
+//! per AGFSync category, each with hand-written TIFA-style questions) and
+//! importers for prompt lists (text, JSONL, CSV) and TIFA question files.
+//!
+//! LLM authoring (AGFSync stages 1 and 2) writes the same records; until it
+//! lands, these are the sources.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+use agfsync_store::{prompt_id, PromptRecord, QuestionRecord};
+
+use crate::error::{PipelineError, Result};
+
+/// The twelve AGFSync prompt categories.
+pub const CATEGORIES: [&str; 12] = [
+    "natural landscapes",
+    "cities and architecture",
+    "people",
+    "animals",
+    "plants",
+    "food and beverages",
+    "sports and fitness",
+    "art and culture",
+    "technology and industry",
+    "everyday objects",
+    "transportation",
+    "abstract and conceptual",
+];
+
+/// A built-in prompt: category, text, and (question, element type, element).
+type Builtin = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, &'static str, &'static str)],
+);
+
+/// One prompt per category, with questions whose answer is "yes".
+const BUILTIN: &[Builtin] = &[
+    (
+        "natural landscapes",
+        "a snowy mountain lake at sunrise, pine trees along the shore",
+        &[
+            ("Is there a lake?", "object", "lake"),
+            ("Are there mountains?", "object", "mountain"),
+            ("Is there snow?", "object", "snow"),
+            ("Are there pine trees?", "object", "pine trees"),
+            ("Is it sunrise?", "other", "sunrise"),
+            (
+                "Are the trees along the shore?",
+                "spatial",
+                "along the shore",
+            ),
+        ],
+    ),
+    (
+        "cities and architecture",
+        "a narrow cobblestone street with yellow houses and flower boxes",
+        &[
+            ("Is there a street?", "object", "street"),
+            (
+                "Is the street made of cobblestone?",
+                "material",
+                "cobblestone",
+            ),
+            ("Are there houses?", "object", "houses"),
+            ("Are the houses yellow?", "color", "yellow"),
+            ("Are there flower boxes?", "object", "flower boxes"),
+            ("Is the street narrow?", "attribute", "narrow"),
+        ],
+    ),
+    (
+        "people",
+        "an old fisherman mending a blue net on a wooden pier",
+        &[
+            ("Is there a person?", "human", "fisherman"),
+            ("Is the person old?", "attribute", "old"),
+            ("Is there a net?", "object", "net"),
+            ("Is the net blue?", "color", "blue"),
+            ("Is the person mending the net?", "activity", "mending"),
+            ("Is there a pier?", "object", "pier"),
+            ("Is the pier wooden?", "material", "wooden"),
+        ],
+    ),
+    (
+        "animals",
+        "two red foxes playing in fresh snow",
+        &[
+            ("Are there foxes?", "animal", "fox"),
+            ("Are there two foxes?", "counting", "two"),
+            ("Are the foxes red?", "color", "red"),
+            ("Are the foxes playing?", "activity", "playing"),
+            ("Is there snow?", "object", "snow"),
+        ],
+    ),
+    (
+        "plants",
+        "a potted cactus with pink flowers on a sunny windowsill",
+        &[
+            ("Is there a cactus?", "object", "cactus"),
+            ("Is the cactus in a pot?", "object", "pot"),
+            ("Are there flowers?", "object", "flowers"),
+            ("Are the flowers pink?", "color", "pink"),
+            ("Is there a windowsill?", "object", "windowsill"),
+            ("Is the cactus on the windowsill?", "spatial", "on"),
+        ],
+    ),
+    (
+        "food and beverages",
+        "a bowl of ramen with a soft-boiled egg and green onions",
+        &[
+            ("Is there a bowl?", "object", "bowl"),
+            ("Is there ramen?", "food", "ramen"),
+            ("Is there an egg?", "food", "egg"),
+            ("Is the egg soft-boiled?", "attribute", "soft-boiled"),
+            ("Are there green onions?", "food", "green onions"),
+        ],
+    ),
+    (
+        "sports and fitness",
+        "a cyclist racing down a mountain road in a yellow jersey",
+        &[
+            ("Is there a cyclist?", "human", "cyclist"),
+            ("Is there a bicycle?", "object", "bicycle"),
+            ("Is the cyclist racing?", "activity", "racing"),
+            ("Is there a road?", "object", "road"),
+            ("Is the jersey yellow?", "color", "yellow"),
+            ("Is the road on a mountain?", "location", "mountain"),
+        ],
+    ),
+    (
+        "art and culture",
+        "a violinist performing on a candlelit stage",
+        &[
+            ("Is there a violinist?", "human", "violinist"),
+            ("Is there a violin?", "object", "violin"),
+            ("Is the violinist performing?", "activity", "performing"),
+            ("Is there a stage?", "object", "stage"),
+            ("Are there candles?", "object", "candles"),
+        ],
+    ),
+    (
+        "technology and industry",
+        "a robotic arm assembling a circuit board in a clean factory",
+        &[
+            ("Is there a robotic arm?", "object", "robotic arm"),
+            ("Is there a circuit board?", "object", "circuit board"),
+            ("Is the arm assembling the board?", "activity", "assembling"),
+            ("Is this in a factory?", "location", "factory"),
+            ("Is the factory clean?", "attribute", "clean"),
+        ],
+    ),
+    (
+        "everyday objects",
+        "a red vintage bicycle leaning against a brick wall",
+        &[
+            ("Is there a bicycle?", "object", "bicycle"),
+            ("Is the bicycle red?", "color", "red"),
+            ("Is the bicycle vintage?", "attribute", "vintage"),
+            ("Is there a wall?", "object", "wall"),
+            ("Is the wall made of brick?", "material", "brick"),
+            (
+                "Is the bicycle leaning against the wall?",
+                "spatial",
+                "leaning against",
+            ),
+        ],
+    ),
+    (
+        "transportation",
+        "a steam locomotive crossing a stone bridge over a river",
+        &[
+            ("Is there a locomotive?", "object", "locomotive"),
+            ("Is it a steam locomotive?", "attribute", "steam"),
+            ("Is there a bridge?", "object", "bridge"),
+            ("Is the bridge made of stone?", "material", "stone"),
+            ("Is there a river?", "object", "river"),
+            ("Is the bridge over the river?", "spatial", "over"),
+        ],
+    ),
+    (
+        "abstract and conceptual",
+        "a glowing hourglass filled with stars instead of sand",
+        &[
+            ("Is there an hourglass?", "object", "hourglass"),
+            ("Is the hourglass glowing?", "attribute", "glowing"),
+            ("Are there stars?", "object", "stars"),
+            ("Are the stars inside the hourglass?", "spatial", "inside"),
+            ("Is there no sand?", "other", "instead of sand"),
+        ],
+    ),
+];
+
+/// The built-in prompt set, in order.
+pub fn builtin_prompts() -> Vec<PromptRecord> {
+    BUILTIN
+        .iter()
+        .enumerate()
+        .map(|(i, (cat, text, _))| PromptRecord {
+            pid: prompt_id(cat, text),
+            ord: i as i64,
+            category: (*cat).to_string(),
+            text: (*text).to_string(),
+            source: "builtin".into(),
+        })
+        .collect()
+}
+
+/// The built-in questions of a built-in prompt (`None` for other prompts).
+pub fn builtin_questions(prompt: &PromptRecord) -> Option<Vec<QuestionRecord>> {
+    let (_, _, qs) = BUILTIN
+        .iter()
+        .find(|(c, t, _)| *c == prompt.category && *t == prompt.text)?;
+    Some(
+        qs.iter()
+            .enumerate()
+            .map(|(i, (q, et, el))| yes_no(&prompt.pid, i, q, et, el))
+            .collect(),
+    )
+}
+
+fn yes_no(pid: &str, idx: usize, q: &str, et: &str, el: &str) -> QuestionRecord {
+    QuestionRecord {
+        pid: pid.to_string(),
+        idx: idx as i64,
+        question: q.to_string(),
+        choices: vec!["yes".into(), "no".into()],
+        answer: Some("yes".into()),
+        element_type: Some(et.to_string()),
+        element: Some(el.to_string()),
+    }
+}
+
+fn input_err(path: &Path, reason: String) -> PipelineError {
+    PipelineError::Input {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Reads a prompt list: `.txt` (one prompt a line; `#` comments and blank
+/// lines skipped), `.jsonl` (`{"prompt": "...", "category": "..."}`, `text`
+/// or `caption` accepted for `prompt`) or `.csv` (header with a `prompt` or
+/// `caption` column and an optional `category` column; double-quoted fields).
+/// Duplicates (same category and text) are kept once; `ord` is the line order.
+pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptRecord>> {
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    let source = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut raw: Vec<(String, String)> = Vec::new();
+    match ext.as_str() {
+        "txt" | "" => {
+            for line in text.lines() {
+                let t = line.trim();
+                if !t.is_empty() && !t.starts_with('#') {
+                    raw.push((String::new(), t.to_string()));
+                }
+            }
+        }
+        "jsonl" => {
+            for (i, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .map_err(|e| input_err(path, format!("line {}: not JSON: {e}", i + 1)))?;
+                let prompt = ["prompt", "text", "caption"]
+                    .iter()
+                    .find_map(|k| v.get(k).and_then(|x| x.as_str()))
+                    .ok_or_else(|| {
+                        input_err(
+                            path,
+                            format!("line {}: no `prompt` (or `text`, `caption`) string", i + 1),
+                        )
+                    })?;
+                let cat = v
+                    .get("category")
+                    .and_then(|x| x.as_str())
+                    .unwrap_or_default();
+                raw.push((cat.to_string(), prompt.trim().to_string()));
+            }
+        }
+        "csv" => {
+            let mut lines = text.lines().enumerate();
+            let header = lines
+                .next()
+                .map(|(_, h)| split_csv(h))
+                .ok_or_else(|| input_err(path, "empty CSV file".into()))?;
+            let col = |names: &[&str]| {
+                header
+                    .iter()
+                    .position(|h| names.contains(&h.trim().to_ascii_lowercase().as_str()))
+            };
+            let p = col(&["prompt", "caption", "text"]).ok_or_else(|| {
+                input_err(
+                    path,
+                    format!("line 1: no `prompt` column in the header {header:?}"),
+                )
+            })?;
+            let c = col(&["category"]);
+            for (i, line) in lines {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let f = split_csv(line);
+                let prompt = f.get(p).ok_or_else(|| {
+                    input_err(
+                        path,
+                        format!("line {}: fewer columns than the header", i + 1),
+                    )
+                })?;
+                let cat = c.and_then(|c| f.get(c)).cloned().unwrap_or_default();
+                raw.push((cat, prompt.trim().to_string()));
+            }
+        }
+        other => {
+            return Err(input_err(
+                path,
+                format!("unknown prompt file type `.{other}`: use .txt, .jsonl or .csv"),
+            ))
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for (cat, text) in raw {
+        if text.is_empty() {
+            continue;
+        }
+        let pid = prompt_id(&cat, &text);
+        if seen.insert(pid.clone()) {
+            out.push(PromptRecord {
+                pid,
+                ord: out.len() as i64,
+                category: cat,
+                text,
+                source: source.clone(),
+            });
+        }
+    }
+    if out.is_empty() {
+        return Err(input_err(path, "no prompts in the file".into()));
+    }
+    Ok(out)
+}
+
+/// Splits one CSV line (RFC 4180 quoting; no newlines inside fields).
+fn split_csv(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(ch) = chars.next() {
+        match (ch, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            (c, _) => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// One entry of a TIFA question file.
+#[derive(Debug, Deserialize)]
+struct TifaEntry {
+    caption: String,
+    question: String,
+    #[serde(default)]
+    choices: Vec<String>,
+    #[serde(default)]
+    answer: Option<String>,
+    #[serde(default)]
+    element_type: Option<String>,
+    #[serde(default)]
+    element: Option<String>,
+}
+
+/// Reads TIFA's question JSON (a list of entries with `caption`,
+/// `question`, `choices`, `answer`, `element_type`, `element`; extra TIFA
+/// fields such as `id` are ignored) grouped by caption text. An entry that
+/// does not fit is reported with its position.
+pub fn read_tifa_questions(path: &Path) -> Result<BTreeMap<String, Vec<QuestionRecord>>> {
+    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+    let v: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+        input_err(
+            path,
+            format!("not a TIFA question file (a JSON list of questions): {e}"),
+        )
+    })?;
+    let mut out: BTreeMap<String, Vec<QuestionRecord>> = BTreeMap::new();
+    for (i, entry) in v.into_iter().enumerate() {
+        let e: TifaEntry = serde_json::from_value(entry)
+            .map_err(|err| input_err(path, format!("entry {i}: {err}")))?;
+        let list = out.entry(e.caption).or_default();
+        list.push(QuestionRecord {
+            pid: String::new(),
+            idx: list.len() as i64,
+            question: e.question,
+            choices: if e.choices.is_empty() {
+                vec!["yes".into(), "no".into()]
+            } else {
+                e.choices
+            },
+            answer: e.answer,
+            element_type: e.element_type,
+            element: e.element,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_set_covers_every_category_with_enough_questions() {
+        let p = builtin_prompts();
+        assert_eq!(p.len(), CATEGORIES.len());
+        for (rec, cat) in p.iter().zip(CATEGORIES) {
+            assert_eq!(rec.category, cat);
+            let qs = builtin_questions(rec).unwrap();
+            assert!(qs.len() >= 5, "{}: {} questions", rec.text, qs.len());
+        }
+    }
+
+    #[test]
+    fn csv_quotes_and_missing_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.csv");
+        std::fs::write(&f, "category,prompt\nanimals,\"a cat, \"\"grumpy\"\"\"\n").unwrap();
+        let p = read_prompt_file(&f).unwrap();
+        assert_eq!(p[0].text, "a cat, \"grumpy\"");
+        assert_eq!(p[0].category, "animals");
+        std::fs::write(&f, "category,text2\nanimals,x\n").unwrap();
+        let err = read_prompt_file(&f).unwrap_err().to_string();
+        assert!(err.contains("no `prompt` column"), "{err}");
+    }
+
+    #[test]
+    fn jsonl_error_names_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("p.jsonl");
+        std::fs::write(&f, "{\"prompt\": \"a\"}\n{\"prompt\": 3}\n").unwrap();
+        let err = read_prompt_file(&f).unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn tifa_file_groups_by_caption() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tifa.json");
+        std::fs::write(
+            &f,
+            r#"[{"id":"1","caption":"a cat","question":"is there a cat?","choices":["yes","no"],"answer":"yes","element_type":"animal","element":"cat"},
+                {"id":"1","caption":"a cat","question":"what animal is this?","choices":["cat","dog"],"answer":"cat","element_type":"animal","element":"cat"}]"#,
+        )
+        .unwrap();
+        let q = read_tifa_questions(&f).unwrap();
+        assert_eq!(q["a cat"].len(), 2);
+        assert_eq!(q["a cat"][1].idx, 1);
+        std::fs::write(&f, r#"[{"caption":"x"}]"#).unwrap();
+        let err = read_tifa_questions(&f).unwrap_err().to_string();
+        assert!(err.contains("entry 0") && err.contains("question"), "{err}");
+    }
+}

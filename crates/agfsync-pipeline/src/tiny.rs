@@ -1,0 +1,24 @@
+//! The tiny preset's models: random weights in the real layouts, written
+//! into a run by `agfsync init --preset tiny` (and by `agfsync run` with no
+//! run directory), so the whole loop runs on a CPU in minutes without any
+//! download.
+
+use std::path::{Path, PathBuf};
+
+use agfsync_models::tiny::{write_tiny_sd_pipeline, TinyPreset};
+
+use crate::error::Result;
+
+/// Writes `tiny-sd15/`, `tiny-clip/` and `tiny-aesthetic.safetensors` into
+/// `models_dir` and returns their paths.
+pub fn write_tiny_models(models_dir: &Path) -> Result<Vec<PathBuf>> {
+    let sd = models_dir.join("tiny-sd15");
+    write_tiny_sd_pipeline(&sd, TinyPreset::Sd15, 0)?;
+    let clip = models_dir.join("tiny-clip");
+    agfsync_feedback::tiny::write_tiny_clip(&clip, 7)?;
+    let head = agfsync_feedback::tiny::write_tiny_aesthetic_head(
+        &models_dir.join("tiny-aesthetic.safetensors"),
+        11,
+    )?;
+    Ok(vec![sd, clip, head])
+}

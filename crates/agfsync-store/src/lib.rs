@@ -1,0 +1,946 @@
+//! The agfsync run store: everything one run of the AGFSync loop produces,
+//! in one directory.
+//!
+//! * `agfsync.db`: a SQLite database (WAL mode) with the records of every
+//!   stage: prompts, questions, candidates, scores, pairs, training runs,
+//!   evaluations, and `meta` (schema version, the resolved config, model
+//!   identities). Its schema is versioned ([`SCHEMA_VERSION`]) and migrated
+//!   forward on open; a store from a newer agfsync is refused, not damaged.
+//! * files beside it, named by the record that owns them
+//!   (`images/<prompt id>/<index>.png`, `latents/<prompt id>/<index>.safetensors`).
+//!
+//! Crash safety rests on two rules. Files are written atomically (a temporary
+//! file in the same directory, flushed, then renamed: [`write_file_atomic`]),
+//! and a unit of work is done exactly when its rows are committed, in one
+//! transaction, after its files are in place. A crash therefore loses at most
+//! the unit in flight; its files, if any were written, are rewritten
+//! identically by the rerun (generation is deterministic in the seeds).
+//!
+//! Prompt ids are content hashes ([`prompt_id`]), so shards of one run that
+//! each hold a subset of the prompts merge ([`Store::merge_from`]) without
+//! renumbering.
+
+pub mod error;
+pub mod pickapic;
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use error::{Result, StoreError};
+
+/// The schema version this build writes (and the newest it reads).
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// The database's file name inside a run directory.
+pub const DB_FILE: &str = "agfsync.db";
+
+/// The migrations, in order: entry `i` takes a store from version `i` to
+/// `i + 1`. Each runs in one transaction with the version bump.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the first schema.
+    r#"
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE prompts (
+        pid TEXT PRIMARY KEY,
+        ord INTEGER NOT NULL,
+        category TEXT NOT NULL,
+        text TEXT NOT NULL,
+        source TEXT NOT NULL
+    );
+    CREATE TABLE questions (
+        pid TEXT NOT NULL REFERENCES prompts(pid),
+        idx INTEGER NOT NULL,
+        question TEXT NOT NULL,
+        choices TEXT NOT NULL,
+        answer TEXT,
+        element_type TEXT,
+        element TEXT,
+        source TEXT NOT NULL,
+        PRIMARY KEY (pid, idx)
+    );
+    CREATE TABLE question_sets (pid TEXT PRIMARY KEY REFERENCES prompts(pid), source TEXT NOT NULL);
+    CREATE TABLE candidates (
+        pid TEXT NOT NULL REFERENCES prompts(pid),
+        idx INTEGER NOT NULL,
+        model TEXT NOT NULL,
+        scheduler TEXT NOT NULL,
+        steps INTEGER NOT NULL,
+        guidance REAL NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        seed INTEGER NOT NULL,
+        noise_seed INTEGER,
+        noise_ratio REAL NOT NULL,
+        image TEXT NOT NULL,
+        latents TEXT NOT NULL,
+        PRIMARY KEY (pid, idx)
+    );
+    CREATE TABLE scores (
+        pid TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        metric TEXT NOT NULL,
+        value REAL,
+        version TEXT NOT NULL,
+        details TEXT NOT NULL,
+        error TEXT,
+        PRIMARY KEY (pid, idx, metric),
+        FOREIGN KEY (pid, idx) REFERENCES candidates(pid, idx)
+    );
+    CREATE TABLE pairs (
+        pid TEXT PRIMARY KEY REFERENCES prompts(pid),
+        status TEXT NOT NULL,
+        winner INTEGER,
+        loser INTEGER,
+        winner_score REAL,
+        loser_score REAL,
+        reason TEXT NOT NULL
+    );
+    CREATE TABLE trainings (
+        name TEXT PRIMARY KEY,
+        out TEXT NOT NULL,
+        config TEXT NOT NULL,
+        status TEXT NOT NULL,
+        steps_done INTEGER NOT NULL,
+        result TEXT
+    );
+    CREATE TABLE evaluations (
+        name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        metric TEXT NOT NULL,
+        value REAL NOT NULL,
+        version TEXT NOT NULL,
+        details TEXT NOT NULL,
+        PRIMARY KEY (name, model, metric)
+    );
+    "#,
+];
+
+/// A prompt of the run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromptRecord {
+    /// Content id ([`prompt_id`] of category and text).
+    pub pid: String,
+    /// Position in the full prompt set (stable across shards).
+    pub ord: i64,
+    /// AGFSync category (empty when unknown).
+    pub category: String,
+    /// The prompt.
+    pub text: String,
+    /// Where it came from (`builtin`, a file name, an LLM run).
+    pub source: String,
+}
+
+/// A question about a prompt (TIFA fields).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuestionRecord {
+    /// The prompt.
+    pub pid: String,
+    /// Position among the prompt's questions.
+    pub idx: i64,
+    /// The question.
+    pub question: String,
+    /// Answer choices (`["yes", "no"]` for yes/no questions).
+    pub choices: Vec<String>,
+    /// The answer the prompt implies.
+    pub answer: Option<String>,
+    /// TIFA element type.
+    pub element_type: Option<String>,
+    /// The element asked about.
+    pub element: Option<String>,
+}
+
+/// One generated image and what reproduces it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CandidateRecord {
+    /// The prompt.
+    pub pid: String,
+    /// Candidate index within the prompt (0 = clean prompt embedding).
+    pub idx: i64,
+    /// Model identity.
+    pub model: String,
+    /// Scheduler name.
+    pub scheduler: String,
+    /// Denoising steps.
+    pub steps: i64,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// Image width in pixels.
+    pub width: i64,
+    /// Image height in pixels.
+    pub height: i64,
+    /// Seed of the initial latents.
+    pub seed: u64,
+    /// Seed of the prompt-embedding noise (`None` for the clean candidate).
+    pub noise_seed: Option<u64>,
+    /// Embedding-noise ratio.
+    pub noise_ratio: f64,
+    /// The PNG, relative to the run directory.
+    pub image: String,
+    /// The final latents (safetensors), relative to the run directory.
+    pub latents: String,
+}
+
+/// One metric's score of one candidate (or why there is none).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRecord {
+    /// The prompt.
+    pub pid: String,
+    /// The candidate.
+    pub idx: i64,
+    /// Metric name.
+    pub metric: String,
+    /// The value; `None` when scoring failed.
+    pub value: Option<f64>,
+    /// The scorer's version string.
+    pub version: String,
+    /// Secondary values.
+    pub details: BTreeMap<String, f64>,
+    /// Why scoring failed.
+    pub error: Option<String>,
+}
+
+/// The pair chosen for a prompt, or why none was.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PairRecord {
+    /// The prompt.
+    pub pid: String,
+    /// `pair`, or why no pair: `tie`, `below_min_gap`, `too_few_candidates`,
+    /// `missing_scores`.
+    pub status: String,
+    /// Winning candidate.
+    pub winner: Option<i64>,
+    /// Losing candidate.
+    pub loser: Option<i64>,
+    /// Combined score of the winner.
+    pub winner_score: Option<f64>,
+    /// Combined score of the loser.
+    pub loser_score: Option<f64>,
+    /// Why: the weights, the normalisation, every candidate's raw and
+    /// normalised metrics and combined score (JSON).
+    pub reason: serde_json::Value,
+}
+
+/// A training run recorded in the store.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingRecord {
+    /// Name (the output folder's name).
+    pub name: String,
+    /// Output folder, relative to the run directory.
+    pub out: String,
+    /// The training config (JSON).
+    pub config: serde_json::Value,
+    /// `running`, `done` or `failed`.
+    pub status: String,
+    /// Optimizer steps completed.
+    pub steps_done: i64,
+    /// The exported weights, relative to the run directory.
+    pub result: Option<String>,
+}
+
+/// Row counts per table: what `agfsync status` shows.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreCounts {
+    /// Prompts.
+    pub prompts: usize,
+    /// Prompts with a question set.
+    pub prompts_with_questions: usize,
+    /// Questions.
+    pub questions: usize,
+    /// Candidates.
+    pub candidates: usize,
+    /// Prompts with at least one candidate.
+    pub prompts_with_candidates: usize,
+    /// Score rows with a value.
+    pub scores: usize,
+    /// Score rows recording a failure.
+    pub score_errors: usize,
+    /// Prompts with a chosen pair.
+    pub pairs: usize,
+    /// Prompts the pairs stage considered but gave no pair.
+    pub pairs_skipped: usize,
+    /// Training runs finished.
+    pub trainings_done: usize,
+    /// Evaluation rows.
+    pub evaluations: usize,
+}
+
+/// What [`Store::merge_from`] copied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeCounts {
+    /// Prompts added.
+    pub prompts: usize,
+    /// Candidates added.
+    pub candidates: usize,
+    /// Score rows added.
+    pub scores: usize,
+}
+
+/// An open run store.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    db_path: PathBuf,
+    conn: Connection,
+}
+
+/// The content id of a prompt: 16 hex digits of SHA-256 over category and
+/// text, so the same prompt has the same id in every shard and every run.
+pub fn prompt_id(category: &str, text: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(category.as_bytes());
+    h.update([0u8]);
+    h.update(text.as_bytes());
+    let d = h.finalize();
+    d.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Hex SHA-256 of a file's bytes.
+pub fn file_sha256(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).map_err(|e| StoreError::io(path, e))?;
+    Ok(Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same
+/// directory is written and flushed to disk, then renamed over `path`. A
+/// crash leaves either the old file or the new one, never a torn one.
+pub fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| StoreError::io(parent, e))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        // Make the rename itself durable.
+        if let Ok(d) = std::fs::File::open(parent) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    result.map_err(|e: std::io::Error| {
+        let _ = std::fs::remove_file(&tmp);
+        StoreError::io(path, e)
+    })
+}
+
+/// Resolves a path stored in (or imported into) a run: it must be relative,
+/// without `..`, and must not leave `root` through a symbolic link. Returns
+/// the absolute path under `root`.
+pub fn resolve_inside(root: &Path, rel: &str) -> Result<PathBuf> {
+    let p = Path::new(rel);
+    if rel.is_empty() || p.is_absolute() {
+        return Err(StoreError::Invalid(format!(
+            "path `{rel}` must be relative to the run directory {}",
+            root.display()
+        )));
+    }
+    for c in p.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            _ => {
+                return Err(StoreError::Invalid(format!(
+                    "path `{rel}` leaves the run directory {} (`..` or a prefix)",
+                    root.display()
+                )))
+            }
+        }
+    }
+    let full = root.join(p);
+    // A symlink anywhere on the way could point outside: check what exists.
+    if let (Ok(real_root), Ok(real)) = (root.canonicalize(), full.canonicalize()) {
+        if !real.starts_with(&real_root) {
+            return Err(StoreError::Invalid(format!(
+                "path `{rel}` resolves to {} outside the run directory {} (a symbolic link)",
+                real.display(),
+                root.display()
+            )));
+        }
+    }
+    Ok(full)
+}
+
+fn json_text<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "null".into())
+}
+
+fn parse_json<T: for<'de> Deserialize<'de> + Default>(text: &str) -> T {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+impl Store {
+    /// Opens the run store in `dir`, creating the directory and an empty
+    /// store when there is none.
+    pub fn open_or_create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::io(dir, e))?;
+        Self::open_db(dir)
+    }
+
+    /// Opens an existing run store (an error naming `agfsync init` if `dir`
+    /// holds none).
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.join(DB_FILE).is_file() {
+            return Err(StoreError::NotARun(dir.to_path_buf()));
+        }
+        Self::open_db(dir)
+    }
+
+    fn open_db(dir: &Path) -> Result<Self> {
+        let db_path = dir.join(DB_FILE);
+        let e = |s| StoreError::sqlite(&db_path, s);
+        let conn = Connection::open(&db_path).map_err(e)?;
+        // WAL: readers (status) never block the writer, and a crash mid-
+        // transaction rolls back on the next open.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(e)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(e)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(e)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))
+            .map_err(e)?;
+        let mut store = Self {
+            dir: dir.to_path_buf(),
+            db_path,
+            conn,
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |s| StoreError::sqlite(&self.db_path, s)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let version: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(self.err())?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(StoreError::NewerSchema {
+                path: self.db_path.clone(),
+                found: version,
+                supported,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let path = self.db_path.clone();
+            let e = |s| StoreError::sqlite(&path, s);
+            let tx = self.conn.transaction().map_err(e)?;
+            tx.execute_batch(sql).map_err(e)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(e)?;
+            tx.commit().map_err(e)?;
+            tracing::debug!("run store migrated to schema {}", i + 1);
+        }
+        Ok(())
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> &Path {
+        &self.db_path
+    }
+
+    /// Reads a `meta` value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(self.err())
+    }
+
+    /// Writes a `meta` value.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2)
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(self.err())
+    }
+
+    /// Adds prompts (one transaction); prompts already present are kept as
+    /// they are. Returns how many were new.
+    pub fn insert_prompts(&mut self, prompts: &[PromptRecord]) -> Result<usize> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        let mut added = 0;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT OR IGNORE INTO prompts (pid, ord, category, text, source)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(e)?;
+            for p in prompts {
+                added += st
+                    .execute(params![p.pid, p.ord, p.category, p.text, p.source])
+                    .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(added)
+    }
+
+    /// Every prompt, in prompt-set order.
+    pub fn prompts(&self) -> Result<Vec<PromptRecord>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT pid, ord, category, text, source FROM prompts ORDER BY ord, pid")
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(PromptRecord {
+                    pid: r.get(0)?,
+                    ord: r.get(1)?,
+                    category: r.get(2)?,
+                    text: r.get(3)?,
+                    source: r.get(4)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Stores the question set of one prompt (replacing any earlier one) in
+    /// one transaction; `source` says what wrote it.
+    pub fn set_questions(
+        &mut self,
+        pid: &str,
+        questions: &[QuestionRecord],
+        source: &str,
+    ) -> Result<()> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        tx.execute("DELETE FROM questions WHERE pid = ?1", [pid])
+            .map_err(e)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT INTO questions (pid, idx, question, choices, answer, element_type, element, source)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(e)?;
+            for q in questions {
+                st.execute(params![
+                    pid,
+                    q.idx,
+                    q.question,
+                    json_text(&q.choices),
+                    q.answer,
+                    q.element_type,
+                    q.element,
+                    source
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO question_sets (pid, source) VALUES (?1, ?2)
+             ON CONFLICT(pid) DO UPDATE SET source = excluded.source",
+            params![pid, source],
+        )
+        .map_err(e)?;
+        tx.commit().map_err(e)
+    }
+
+    /// Prompts that have a question set (possibly empty).
+    pub fn prompts_with_questions(&self) -> Result<HashSet<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT pid FROM question_sets")
+            .map_err(self.err())?;
+        let rows = st.query_map([], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<rusqlite::Result<HashSet<String>>>()
+            .map_err(self.err())
+    }
+
+    /// The questions of a prompt, in order.
+    pub fn questions(&self, pid: &str) -> Result<Vec<QuestionRecord>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT pid, idx, question, choices, answer, element_type, element
+                 FROM questions WHERE pid = ?1 ORDER BY idx",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([pid], |r| {
+                Ok(QuestionRecord {
+                    pid: r.get(0)?,
+                    idx: r.get(1)?,
+                    question: r.get(2)?,
+                    choices: parse_json(&r.get::<_, String>(3)?),
+                    answer: r.get(4)?,
+                    element_type: r.get(5)?,
+                    element: r.get(6)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Records candidates (one transaction: a unit of generation).
+    pub fn insert_candidates(&mut self, candidates: &[CandidateRecord]) -> Result<()> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO candidates
+                     (pid, idx, model, scheduler, steps, guidance, width, height, seed,
+                      noise_seed, noise_ratio, image, latents)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                )
+                .map_err(e)?;
+            for c in candidates {
+                st.execute(params![
+                    c.pid,
+                    c.idx,
+                    c.model,
+                    c.scheduler,
+                    c.steps,
+                    c.guidance,
+                    c.width,
+                    c.height,
+                    c.seed as i64,
+                    c.noise_seed.map(|s| s as i64),
+                    c.noise_ratio,
+                    c.image,
+                    c.latents
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Candidates, of one prompt or of all, ordered by prompt order and index.
+    pub fn candidates(&self, pid: Option<&str>) -> Result<Vec<CandidateRecord>> {
+        let sql =
+            "SELECT c.pid, c.idx, c.model, c.scheduler, c.steps, c.guidance, c.width, c.height,
+                          c.seed, c.noise_seed, c.noise_ratio, c.image, c.latents
+                   FROM candidates c JOIN prompts p ON p.pid = c.pid
+                   WHERE (?1 IS NULL OR c.pid = ?1) ORDER BY p.ord, c.pid, c.idx";
+        let mut st = self.conn.prepare(sql).map_err(self.err())?;
+        let rows = st
+            .query_map([pid], |r| {
+                Ok(CandidateRecord {
+                    pid: r.get(0)?,
+                    idx: r.get(1)?,
+                    model: r.get(2)?,
+                    scheduler: r.get(3)?,
+                    steps: r.get(4)?,
+                    guidance: r.get(5)?,
+                    width: r.get(6)?,
+                    height: r.get(7)?,
+                    seed: r.get::<_, i64>(8)? as u64,
+                    noise_seed: r.get::<_, Option<i64>>(9)?.map(|s| s as u64),
+                    noise_ratio: r.get(10)?,
+                    image: r.get(11)?,
+                    latents: r.get(12)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Stores scores (one transaction), replacing earlier scores of the
+    /// same candidate and metric.
+    pub fn upsert_scores(&mut self, scores: &[ScoreRecord]) -> Result<()> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO scores (pid, idx, metric, value, version, details, error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(e)?;
+            for s in scores {
+                st.execute(params![
+                    s.pid,
+                    s.idx,
+                    s.metric,
+                    s.value,
+                    s.version,
+                    json_text(&s.details),
+                    s.error
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Every score row, ordered by prompt order, candidate and metric.
+    pub fn scores(&self) -> Result<Vec<ScoreRecord>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT s.pid, s.idx, s.metric, s.value, s.version, s.details, s.error
+                 FROM scores s JOIN prompts p ON p.pid = s.pid
+                 ORDER BY p.ord, s.pid, s.idx, s.metric",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(ScoreRecord {
+                    pid: r.get(0)?,
+                    idx: r.get(1)?,
+                    metric: r.get(2)?,
+                    value: r.get(3)?,
+                    version: r.get(4)?,
+                    details: parse_json(&r.get::<_, String>(5)?),
+                    error: r.get(6)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Replaces the whole pairs table (one transaction): pair selection is
+    /// cheap and always recomputed from the scores.
+    pub fn replace_pairs(&mut self, pairs: &[PairRecord]) -> Result<()> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        tx.execute("DELETE FROM pairs", []).map_err(e)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT INTO pairs (pid, status, winner, loser, winner_score, loser_score, reason)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(e)?;
+            for p in pairs {
+                st.execute(params![
+                    p.pid,
+                    p.status,
+                    p.winner,
+                    p.loser,
+                    p.winner_score,
+                    p.loser_score,
+                    p.reason.to_string()
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Every pair record (chosen or skipped), in prompt order.
+    pub fn pairs(&self) -> Result<Vec<PairRecord>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT q.pid, q.status, q.winner, q.loser, q.winner_score, q.loser_score, q.reason
+                 FROM pairs q JOIN prompts p ON p.pid = q.pid ORDER BY p.ord, q.pid",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(PairRecord {
+                    pid: r.get(0)?,
+                    status: r.get(1)?,
+                    winner: r.get(2)?,
+                    loser: r.get(3)?,
+                    winner_score: r.get(4)?,
+                    loser_score: r.get(5)?,
+                    reason: serde_json::from_str(&r.get::<_, String>(6)?)
+                        .unwrap_or(serde_json::Value::Null),
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Records (or updates) a training run.
+    pub fn upsert_training(&self, t: &TrainingRecord) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO trainings (name, out, config, status, steps_done, result)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    t.name,
+                    t.out,
+                    t.config.to_string(),
+                    t.status,
+                    t.steps_done,
+                    t.result
+                ],
+            )
+            .map(|_| ())
+            .map_err(self.err())
+    }
+
+    /// Every training run.
+    pub fn trainings(&self) -> Result<Vec<TrainingRecord>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT name, out, config, status, steps_done, result FROM trainings ORDER BY name",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(TrainingRecord {
+                    name: r.get(0)?,
+                    out: r.get(1)?,
+                    config: serde_json::from_str(&r.get::<_, String>(2)?)
+                        .unwrap_or(serde_json::Value::Null),
+                    status: r.get(3)?,
+                    steps_done: r.get(4)?,
+                    result: r.get(5)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Row counts per table.
+    pub fn counts(&self) -> Result<StoreCounts> {
+        let n = |sql: &str| -> Result<usize> {
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, i64>(0))
+                .map(|v| v as usize)
+                .map_err(self.err())
+        };
+        Ok(StoreCounts {
+            prompts: n("SELECT COUNT(*) FROM prompts")?,
+            prompts_with_questions: n("SELECT COUNT(*) FROM question_sets")?,
+            questions: n("SELECT COUNT(*) FROM questions")?,
+            candidates: n("SELECT COUNT(*) FROM candidates")?,
+            prompts_with_candidates: n("SELECT COUNT(DISTINCT pid) FROM candidates")?,
+            scores: n("SELECT COUNT(*) FROM scores WHERE value IS NOT NULL")?,
+            score_errors: n("SELECT COUNT(*) FROM scores WHERE value IS NULL")?,
+            pairs: n("SELECT COUNT(*) FROM pairs WHERE status = 'pair'")?,
+            pairs_skipped: n("SELECT COUNT(*) FROM pairs WHERE status != 'pair'")?,
+            trainings_done: n("SELECT COUNT(*) FROM trainings WHERE status = 'done'")?,
+            evaluations: n("SELECT COUNT(*) FROM evaluations")?,
+        })
+    }
+
+    /// Copies another store's prompts, questions, candidates (with their
+    /// files) and scores into this one, in one transaction after the files
+    /// are copied. Rows already here are kept; a candidate present in both
+    /// with different generation settings is an error (the shards were not
+    /// made by the same config). Pairs are not copied: rerun the pairs
+    /// stage on the merged store.
+    pub fn merge_from(&mut self, other: &Store) -> Result<MergeCounts> {
+        let mut counts = MergeCounts::default();
+        let prompts = other.prompts()?;
+        let candidates = other.candidates(None)?;
+        let scores = other.scores()?;
+        let with_q = other.prompts_with_questions()?;
+        let mut existing: BTreeMap<(String, i64), CandidateRecord> = self
+            .candidates(None)?
+            .into_iter()
+            .map(|c| ((c.pid.clone(), c.idx), c))
+            .collect();
+        // Files first: a crash here leaves copies no row points to yet.
+        let mut new_candidates = Vec::new();
+        for c in &candidates {
+            if let Some(mine) = existing.get(&(c.pid.clone(), c.idx)) {
+                if mine != c {
+                    return Err(StoreError::Invalid(format!(
+                        "{}: candidate {}#{} differs from the one in {} (different models or \
+                         generation settings); merge only shards of one run config",
+                        other.dir.display(),
+                        c.pid,
+                        c.idx,
+                        self.dir.display()
+                    )));
+                }
+                continue;
+            }
+            for rel in [&c.image, &c.latents] {
+                let from = resolve_inside(&other.dir, rel)?;
+                let to = resolve_inside(&self.dir, rel)?;
+                let bytes = std::fs::read(&from).map_err(|e| StoreError::io(&from, e))?;
+                write_file_atomic(&to, &bytes)?;
+            }
+            new_candidates.push(c.clone());
+            existing.insert((c.pid.clone(), c.idx), c.clone());
+        }
+        let mine: HashSet<String> = self.prompts()?.into_iter().map(|p| p.pid).collect();
+        let my_q = self.prompts_with_questions()?;
+        counts.prompts = prompts.iter().filter(|p| !mine.contains(&p.pid)).count();
+        self.insert_prompts(&prompts)?;
+        for pid in with_q.difference(&my_q) {
+            let qs = other.questions(pid)?;
+            let src: String = other
+                .conn
+                .query_row(
+                    "SELECT source FROM question_sets WHERE pid = ?1",
+                    [pid],
+                    |r| r.get(0),
+                )
+                .map_err(other.err())?;
+            self.set_questions(pid, &qs, &src)?;
+        }
+        counts.candidates = new_candidates.len();
+        self.insert_candidates(&new_candidates)?;
+        let have: HashSet<(String, i64, String)> = self
+            .scores()?
+            .into_iter()
+            .map(|s| (s.pid, s.idx, s.metric))
+            .collect();
+        let new_scores: Vec<ScoreRecord> = scores
+            .into_iter()
+            .filter(|s| !have.contains(&(s.pid.clone(), s.idx, s.metric.clone())))
+            .collect();
+        counts.scores = new_scores.len();
+        self.upsert_scores(&new_scores)?;
+        Ok(counts)
+    }
+
+    /// Checks the database file's integrity (SQLite's `quick_check`).
+    pub fn check_integrity(&self) -> Result<()> {
+        let r: String = self
+            .conn
+            .query_row("PRAGMA quick_check", [], |r| r.get(0))
+            .map_err(self.err())?;
+        if r == "ok" {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!(
+                "{}: integrity check failed: {r}",
+                self.db_path.display()
+            )))
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Pairs as Pick-a-Pic Parquet: the exchange format of the diffusers and
+//! DiffusionDPO training scripts (`caption`, `jpg_0`, `jpg_1`, `label_0`,
+//! with `label_0 = 1` when `jpg_0` is preferred, `0.5` for a tie).
+//!
+//! We write `jpg_0` as the winner, so `label_0` is 1.0 and `label_1` 0.0.
+//! The image columns hold our PNG bytes (Pick-a-Pic readers decode with
+//! Pillow, which sniffs the format). Two extra columns, `prompt_id` and
+//! `agfsync_reason`, carry our ids and the pair's reason; readers that only
+//! know Pick-a-Pic ignore them. Row groups hold at most
+//! [`ROWS_PER_GROUP`] pairs so readers can stream large exports.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use parquet::basic::Compression;
+use parquet::data_type::{ByteArray, ByteArrayType, DoubleType};
+use parquet::file::properties::WriterProperties;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::writer::SerializedFileWriter;
+use parquet::record::Field;
+use parquet::schema::parser::parse_message_type;
+
+use crate::error::{Result, StoreError};
+
+/// Pairs per row group in exported files.
+pub const ROWS_PER_GROUP: usize = 256;
+
+/// One Pick-a-Pic row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PickapicRow {
+    /// The prompt.
+    pub caption: String,
+    /// First image (encoded PNG/JPEG bytes).
+    pub jpg_0: Vec<u8>,
+    /// Second image.
+    pub jpg_1: Vec<u8>,
+    /// 1.0 when `jpg_0` is preferred, 0.0 when `jpg_1` is, 0.5 a tie.
+    pub label_0: f64,
+    /// agfsync's prompt id (empty for foreign files).
+    pub prompt_id: String,
+    /// agfsync's reason for the pair, JSON (empty for foreign files).
+    pub reason: String,
+}
+
+const SCHEMA: &str = "message pickapic {
+    REQUIRED BYTE_ARRAY caption (UTF8);
+    REQUIRED BYTE_ARRAY jpg_0;
+    REQUIRED BYTE_ARRAY jpg_1;
+    REQUIRED DOUBLE label_0;
+    REQUIRED DOUBLE label_1;
+    REQUIRED BYTE_ARRAY prompt_id (UTF8);
+    REQUIRED BYTE_ARRAY agfsync_reason (UTF8);
+}";
+
+fn pq_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> StoreError + '_ {
+    move |e| StoreError::Parquet {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// Writes `rows` to `path` (Snappy-compressed; atomically: a temporary file
+/// renamed into place).
+pub fn write_pickapic(path: &Path, rows: &[PickapicRow]) -> Result<()> {
+    let e = pq_err(path);
+    let schema = Arc::new(parse_message_type(SCHEMA).map_err(&e)?);
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut buf: Vec<u8> = Vec::new();
+    {
+        let mut writer = SerializedFileWriter::new(&mut buf, schema, props).map_err(&e)?;
+        for group in rows.chunks(ROWS_PER_GROUP) {
+            let mut rg = writer.next_row_group().map_err(&e)?;
+            let mut col_index = 0;
+            while let Some(mut col) = rg.next_column().map_err(&e)? {
+                let bytes = |f: &dyn Fn(&PickapicRow) -> &[u8]| -> Vec<ByteArray> {
+                    group
+                        .iter()
+                        .map(|r| ByteArray::from(f(r).to_vec()))
+                        .collect()
+                };
+                match col_index {
+                    0 => col.typed::<ByteArrayType>().write_batch(
+                        &bytes(&|r| r.caption.as_bytes()),
+                        None,
+                        None,
+                    ),
+                    1 => {
+                        col.typed::<ByteArrayType>()
+                            .write_batch(&bytes(&|r| &r.jpg_0), None, None)
+                    }
+                    2 => {
+                        col.typed::<ByteArrayType>()
+                            .write_batch(&bytes(&|r| &r.jpg_1), None, None)
+                    }
+                    3 => {
+                        let v: Vec<f64> = group.iter().map(|r| r.label_0).collect();
+                        col.typed::<DoubleType>().write_batch(&v, None, None)
+                    }
+                    4 => {
+                        let v: Vec<f64> = group.iter().map(|r| 1.0 - r.label_0).collect();
+                        col.typed::<DoubleType>().write_batch(&v, None, None)
+                    }
+                    5 => col.typed::<ByteArrayType>().write_batch(
+                        &bytes(&|r| r.prompt_id.as_bytes()),
+                        None,
+                        None,
+                    ),
+                    _ => col.typed::<ByteArrayType>().write_batch(
+                        &bytes(&|r| r.reason.as_bytes()),
+                        None,
+                        None,
+                    ),
+                }
+                .map_err(&e)?;
+                col.close().map_err(&e)?;
+                col_index += 1;
+            }
+            rg.close().map_err(&e)?;
+        }
+        writer.close().map_err(&e)?;
+    }
+    crate::write_file_atomic(path, &buf)
+}
+
+/// Reads the Pick-a-Pic columns of a Parquet file (ours or anyone's: the
+/// agfsync columns are optional). Errors name the missing column.
+pub fn read_pickapic(path: &Path) -> Result<Vec<PickapicRow>> {
+    let e = pq_err(path);
+    let file = std::fs::File::open(path).map_err(|err| StoreError::io(path, err))?;
+    let reader = SerializedFileReader::new(file).map_err(&e)?;
+    let present: Vec<String> = reader
+        .metadata()
+        .file_metadata()
+        .schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name().to_string())
+        .collect();
+    for need in ["caption", "jpg_0", "jpg_1", "label_0"] {
+        if !present.iter().any(|p| p == need) {
+            return Err(StoreError::Parquet {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "missing Pick-a-Pic column `{need}` (the file has: {})",
+                    present.join(", ")
+                ),
+            });
+        }
+    }
+    let mut out = Vec::new();
+    for (i, row) in reader.get_row_iter(None).map_err(&e)?.enumerate() {
+        let row = row.map_err(&e)?;
+        let mut r = PickapicRow {
+            caption: String::new(),
+            jpg_0: Vec::new(),
+            jpg_1: Vec::new(),
+            label_0: f64::NAN,
+            prompt_id: String::new(),
+            reason: String::new(),
+        };
+        for (name, field) in row.get_column_iter() {
+            match (name.as_str(), field) {
+                ("caption", Field::Str(s)) => r.caption = s.clone(),
+                ("jpg_0", Field::Bytes(b)) => r.jpg_0 = b.data().to_vec(),
+                ("jpg_1", Field::Bytes(b)) => r.jpg_1 = b.data().to_vec(),
+                ("label_0", Field::Double(v)) => r.label_0 = *v,
+                ("label_0", Field::Float(v)) => r.label_0 = f64::from(*v),
+                ("prompt_id", Field::Str(s)) => r.prompt_id = s.clone(),
+                ("agfsync_reason", Field::Str(s)) => r.reason = s.clone(),
+                _ => {}
+            }
+        }
+        if !r.label_0.is_finite() {
+            return Err(StoreError::Parquet {
+                path: path.to_path_buf(),
+                reason: format!("row {i}: `label_0` is missing or not a number"),
+            });
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
