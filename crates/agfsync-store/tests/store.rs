@@ -1,0 +1,106 @@
+//! The run store: schema versions, transactions, path safety, Parquet.
+
+use agfsync_store::pickapic::{read_pickapic, write_pickapic, PickapicRow};
+use agfsync_store::{
+    prompt_id, resolve_inside, write_file_atomic, PromptRecord, Store, StoreError, SCHEMA_VERSION,
+};
+use anyhow::Result;
+
+fn prompt(text: &str, ord: i64) -> PromptRecord {
+    PromptRecord {
+        pid: prompt_id("animals", text),
+        ord,
+        category: "animals".into(),
+        text: text.into(),
+        source: "test".into(),
+    }
+}
+
+#[test]
+fn a_store_from_a_newer_agfsync_is_refused_and_left_alone() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    drop(Store::open_or_create(dir.path())?);
+    let db = dir.path().join("agfsync.db");
+    {
+        let conn = rusqlite::Connection::open(&db)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 5)?;
+    }
+    let before = std::fs::read(&db)?;
+    match Store::open(dir.path()) {
+        Err(StoreError::NewerSchema { found, .. }) => assert_eq!(found, SCHEMA_VERSION + 5),
+        other => panic!("expected NewerSchema, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&db)?, before);
+    Ok(())
+}
+
+#[test]
+fn opening_a_directory_without_a_store_names_init() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let err = Store::open(dir.path()).expect_err("no store").to_string();
+    assert!(err.contains("agfsync init"), "{err}");
+}
+
+#[test]
+fn prompts_are_inserted_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Store::open_or_create(dir.path())?;
+    let p = vec![prompt("a cat", 0), prompt("a dog", 1)];
+    assert_eq!(s.insert_prompts(&p)?, 2);
+    assert_eq!(s.insert_prompts(&p)?, 0);
+    assert_eq!(s.prompts()?, p);
+    Ok(())
+}
+
+#[test]
+fn paths_that_leave_the_run_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for bad in ["/etc/passwd", "../x.png", "images/../../x.png", ""] {
+        assert!(resolve_inside(dir.path(), bad).is_err(), "{bad}");
+    }
+    assert!(resolve_inside(dir.path(), "images/a/0.png").is_ok());
+    #[cfg(unix)]
+    {
+        let outside = tempfile::tempdir()?;
+        std::fs::write(outside.path().join("secret"), b"x")?;
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link"))?;
+        let err = resolve_inside(dir.path(), "link/secret")
+            .expect_err("a symlink out of the run must be refused")
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn atomic_writes_replace_whole_files() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let f = dir.path().join("a/b/c.bin");
+    write_file_atomic(&f, b"first")?;
+    write_file_atomic(&f, b"second")?;
+    assert_eq!(std::fs::read(&f)?, b"second");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("a/b"))?.collect();
+    assert_eq!(leftovers.len(), 1, "no temporary file may remain");
+    Ok(())
+}
+
+#[test]
+fn pickapic_parquet_round_trips_and_foreign_files_need_the_columns() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let f = dir.path().join("pairs.parquet");
+    let rows: Vec<PickapicRow> = (0..300)
+        .map(|i| PickapicRow {
+            caption: format!("prompt {i} \u{e9}"),
+            jpg_0: vec![i as u8; 10 + i % 7],
+            jpg_1: vec![255 - i as u8; 3],
+            label_0: if i % 3 == 0 { 0.5 } else { 1.0 },
+            prompt_id: format!("{i:016x}"),
+            reason: "{}".into(),
+        })
+        .collect();
+    write_pickapic(&f, &rows)?;
+    assert_eq!(read_pickapic(&f)?, rows);
+    std::fs::write(&f, b"not parquet")?;
+    assert!(read_pickapic(&f).is_err());
+    Ok(())
+}
