@@ -298,3 +298,50 @@ fn bad_shard_specs_and_missing_runs_are_refused() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     Ok(())
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_and_a_full_disk_is_reported_then_both_resume() -> Result<()> {
+    let reference = reference()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("interrupted");
+    init_small(&dir)?;
+    // A full disk while writing an image: a clear error naming the file.
+    let out = bin()
+        .args(["run", s(&dir)])
+        .env("AGFSYNC_FAULT", "enospc@generate.image")
+        .output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("No space left on device") && err.contains(".png"),
+        "{err}"
+    );
+    ok(&agfsync(&["status", s(&dir)])?)?;
+    // Ctrl-C (SIGINT) once some candidates exist: the stage stops after the
+    // unit in flight and says how to continue.
+    let child = bin()
+        .args(["run", s(&dir)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let images = dir.join("images");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline
+        && !std::fs::read_dir(&images).is_ok_and(|mut d| d.next().is_some())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ok(&Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .output()?)?;
+    let out = child.wait_with_output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        assert!(
+            err.contains("interrupted") && err.contains("rerun"),
+            "{err}"
+        );
+    }
+    ok(&agfsync(&["run", s(&dir)])?)?;
+    assert_eq!(fingerprint(&dir, true)?, fingerprint(&reference, true)?);
+    Ok(())
+}

@@ -60,6 +60,15 @@ pub enum DpoError {
         /// The newest complete checkpoint, if any was written.
         last_checkpoint: Option<PathBuf>,
     },
+    /// The caller asked the run to stop (Ctrl-C); a checkpoint of the last
+    /// finished step was written, so `--resume latest` continues it.
+    #[error("interrupted after step {step}; checkpoint {}: rerun to resume", checkpoint.display())]
+    Interrupted {
+        /// The last finished optimizer step.
+        step: usize,
+        /// The checkpoint written for it.
+        checkpoint: PathBuf,
+    },
     /// Writing the LoRA export failed or the trainer holds no adapter.
     #[error("export: {0}")]
     Export(String),

@@ -964,6 +964,26 @@ pub fn train(
     device: &Device,
     progress: &mut dyn FnMut(&StepMetrics),
 ) -> Result<TrainSummary, DpoError> {
+    train_until(spec, data, cfg, out_dir, resume, device, progress, &|| {
+        false
+    })
+}
+
+/// [`train`], stopping cleanly when `stop()` turns true (checked after every
+/// step): a checkpoint of that step is written and
+/// [`DpoError::Interrupted`] returned, so a rerun with `--resume latest`
+/// continues bit for bit.
+#[allow(clippy::too_many_arguments)] // train's arguments plus the stop flag
+pub fn train_until(
+    spec: &ModelSpec,
+    data: &PairDataset,
+    cfg: &TrainConfig,
+    out_dir: &Path,
+    resume: Option<ResumeFrom>,
+    device: &Device,
+    progress: &mut dyn FnMut(&StepMetrics),
+    stop: &dyn Fn() -> bool,
+) -> Result<TrainSummary, DpoError> {
     cfg.validate()?;
     std::fs::create_dir_all(out_dir).map_err(|e| DpoError::io(out_dir, e))?;
     let mut trainer = Trainer::new(spec, cfg, device)?;
@@ -1020,6 +1040,21 @@ pub fn train(
             last_checkpoint = Some(checkpoint::save(&trainer, out_dir)?);
         }
         last = Some(m);
+        if s < cfg.steps && stop() {
+            let checkpoint = if due {
+                last_checkpoint.clone().unwrap_or_default()
+            } else {
+                checkpoint::save(&trainer, out_dir)?
+            };
+            metrics_file
+                .sync_all()
+                .map_err(|e| DpoError::io(&metrics_path, e))?;
+            events.sync()?;
+            return Err(DpoError::Interrupted {
+                step: s,
+                checkpoint,
+            });
+        }
     }
     metrics_file
         .sync_all()

@@ -29,3 +29,14 @@ pub fn point(name: &str) {
         std::process::abort();
     }
 }
+
+/// A write that fails as a full disk does (`ENOSPC`) when `AGFSYNC_FAULT`
+/// is `enospc@<point>`; `Ok` otherwise.
+pub fn disk_full(name: &str) -> std::io::Result<()> {
+    match std::env::var("AGFSYNC_FAULT") {
+        Ok(spec) if spec.strip_prefix("enospc@") == Some(name) => {
+            Err(std::io::Error::from_raw_os_error(28))
+        }
+        _ => Ok(()),
+    }
+}

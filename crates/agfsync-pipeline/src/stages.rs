@@ -465,7 +465,10 @@ fn generate_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> 
                 "agfsync_version": env!("CARGO_PKG_VERSION"),
             });
             let png = encode_png(iw, ih, &rgb, &[("agfsync", params.to_string())])?;
-            write_file_atomic(&resolve_inside(&run.store_dir, &rec.image)?, &png)?;
+            let image_path = resolve_inside(&run.store_dir, &rec.image)?;
+            crate::fault::disk_full("generate.image")
+                .map_err(|e| PipelineError::io(&image_path, e))?;
+            write_file_atomic(&image_path, &png)?;
             let lat = fin
                 .narrow(0, j, 1)
                 .map_err(PipelineError::candle("latents"))?;

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use agfsync_diffusion::pipeline::{encode_prompts, Negative, XlSizes};
 use agfsync_dpo::data::{AddedCond, PairDataset};
 use agfsync_dpo::optim::LrScheduler;
-use agfsync_dpo::{train, ModelSpec, ResumeFrom, TrainConfig};
+use agfsync_dpo::{train_until, DpoError, ModelSpec, ResumeFrom, TrainConfig};
 use agfsync_models::hub::{resolve_model, HubOptions};
 use agfsync_models::stable_diffusion::{LoadOptions, SdFamily, StableDiffusion};
 use agfsync_store::{CandidateRecord, TrainingRecord};
@@ -167,14 +167,21 @@ pub(crate) fn train_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<Stage
     let device = run.device()?;
     let cancel = ctx.cancel;
     let mut last_step = 0;
-    let result = train(&spec, &data, &cfg, &out, resume, &device, &mut |m| {
-        ctx.progress.advance((m.step - last_step) as u64);
-        crate::fault::point("train.step");
-        last_step = m.step;
-        if cancel.load(std::sync::atomic::Ordering::SeqCst) {
-            tracing::warn!("Ctrl-C: training stops at the next checkpoint-safe point");
-        }
-    });
+    let stop = || cancel.load(std::sync::atomic::Ordering::SeqCst);
+    let result = train_until(
+        &spec,
+        &data,
+        &cfg,
+        &out,
+        resume,
+        &device,
+        &mut |m| {
+            ctx.progress.advance((m.step - last_step) as u64);
+            crate::fault::point("train.step");
+            last_step = m.step;
+        },
+        &stop,
+    );
     ctx.progress.end();
     match result {
         Ok(summary) => {
@@ -191,6 +198,11 @@ pub(crate) fn train_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<Stage
                 .notes
                 .push(format!("weights: {}", summary.output.display()));
             Ok(report)
+        }
+        Err(DpoError::Interrupted { step, .. }) => {
+            record.steps_done = step as i64;
+            run.store.upsert_training(&record)?;
+            Err(PipelineError::Interrupted)
         }
         Err(e) => {
             record.status = "failed".into();
