@@ -112,6 +112,37 @@ pub struct ExportArgs {
     pub images: Option<PathBuf>,
 }
 
+/// Arguments of `agfsync report`.
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// The run directory (after `agfsync eval`).
+    pub dir: PathBuf,
+    /// Output file (default: DIR/report.html).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Prompts shown in the image grid.
+    #[arg(long, default_value_t = 16)]
+    pub grid: usize,
+}
+
+/// `agfsync report`.
+pub fn report(a: &ReportArgs) -> Result<()> {
+    let r = Run::open(&a.dir, Shard::ALL)?;
+    let rep = agfsync_pipeline::eval::build_report(&r, a.grid)?;
+    if rep.metrics.is_empty() {
+        bail!(
+            "no evaluation results in {}: run `agfsync eval {}` first",
+            a.dir.display(),
+            a.dir.display()
+        );
+    }
+    let html = agfsync_eval::report::render_html(&rep);
+    let out = a.out.clone().unwrap_or_else(|| a.dir.join("report.html"));
+    agfsync_store::write_file_atomic(&out, html.as_bytes())?;
+    println!("{}", out.display());
+    Ok(())
+}
+
 /// A progress bar per stage.
 struct Bars {
     bar: Mutex<Option<ProgressBar>>,
@@ -237,6 +268,19 @@ pub fn run(a: &RunArgs, quiet: bool) -> Result<()> {
     };
     let mut r = Run::open(&dir, target.shard()?)?;
     run_stages(&mut r, &Stage::ALL, quiet, a.json)?;
+    if r.shard == Shard::ALL && r.config.eval.enabled {
+        let rep = agfsync_pipeline::eval::build_report(&r, 16)?;
+        if !rep.metrics.is_empty() {
+            let out = r.root.join("report.html");
+            agfsync_store::write_file_atomic(
+                &out,
+                agfsync_eval::report::render_html(&rep).as_bytes(),
+            )?;
+            if !a.json {
+                eprintln!("report: {}", out.display());
+            }
+        }
+    }
     if !a.json {
         print_status(&r)?;
         eprintln!("done: {}", r.store_dir.display());

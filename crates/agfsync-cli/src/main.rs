@@ -69,6 +69,12 @@ enum Command {
     Score(cmd_pipeline::RunTarget),
     /// Stage 5: choose one preference pair per prompt.
     Pairs(cmd_pipeline::RunTarget),
+    /// Stage 7: evaluate base against tuned on the configured benchmark
+    /// (same prompts and seeds; scores, paired statistics).
+    Eval(cmd_pipeline::RunTarget),
+    /// Write the run's report: one self-contained HTML file (summary,
+    /// charts, training curves, image grids).
+    Report(cmd_pipeline::ReportArgs),
     /// Merge shard stores into a run (same agfsync.toml required).
     Merge(cmd_pipeline::MergeArgs),
     /// Export a run's pairs (Pick-a-Pic Parquet), candidates and scores
@@ -86,7 +92,8 @@ fn log_file(cmd: &Command) -> Option<std::path::PathBuf> {
         | Command::Questions(t)
         | Command::Generate(t)
         | Command::Score(t)
-        | Command::Pairs(t) => t.dir.clone(),
+        | Command::Pairs(t)
+        | Command::Eval(t) => t.dir.clone(),
         Command::Train(a) => a.run.clone()?,
         Command::Merge(a) => a.out.clone(),
         _ => return None,
@@ -118,6 +125,8 @@ fn main() -> ExitCode {
         Command::Generate(a) => cmd_pipeline::stage(&a, Stage::Generate, cli.quiet),
         Command::Score(a) => cmd_pipeline::stage(&a, Stage::Score, cli.quiet),
         Command::Pairs(a) => cmd_pipeline::stage(&a, Stage::Pairs, cli.quiet),
+        Command::Eval(a) => cmd_pipeline::stage(&a, Stage::Eval, cli.quiet),
+        Command::Report(a) => cmd_pipeline::report(&a),
         Command::Merge(a) => cmd_pipeline::merge(&a),
         Command::Export(a) => cmd_pipeline::export(&a),
         Command::Train(a) => cmd_train::run(&a, cli.quiet),

@@ -116,7 +116,7 @@ fn run_completes_every_stage_and_status_says_so() -> Result<()> {
     ok(&out)?;
     let st: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let stages = st["stages"].as_array().context("stages")?;
-    assert_eq!(stages.len(), 6);
+    assert_eq!(stages.len(), 7);
     for stage in stages {
         assert_eq!(stage["done"], stage["total"], "{stage}");
         assert!(stage["total"].as_u64().unwrap_or(0) > 0, "{stage}");
@@ -127,6 +127,13 @@ fn run_completes_every_stage_and_status_says_so() -> Result<()> {
         .join("train/dpo/pytorch_lora_weights.safetensors")
         .is_file());
     assert!(dir.join("logs/agfsync.log").is_file());
+    // The eval stage compared base and tuned on 4 prompts, and the report
+    // holds both models' images and no external URL.
+    assert_eq!(st["counts"]["eval_items"], 8);
+    let html = std::fs::read_to_string(dir.join("report.html"))?;
+    assert_eq!(html.matches("data:image/png;base64,").count(), 8);
+    assert!(!html.contains("http://") && !html.contains("https://"));
+    assert!(html.contains("tuned") && html.contains("<svg"));
     // A second run redoes nothing.
     let again = agfsync(&["run", s(&dir), "--json"])?;
     ok(&again)?;
@@ -134,6 +141,7 @@ fn run_completes_every_stage_and_status_says_so() -> Result<()> {
     assert_eq!(rep["generate"]["done"], 0, "{rep}");
     assert_eq!(rep["score"]["done"], 0, "{rep}");
     assert_eq!(rep["train"]["skipped"], 1, "{rep}");
+    assert_eq!(rep["eval"]["done"], 0, "{rep}");
     Ok(())
 }
 

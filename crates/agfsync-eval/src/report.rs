@@ -123,13 +123,11 @@ fn fmt(v: f64) -> String {
     }
 }
 
+/// A bar's value and optional error bar, by (group, series).
+type BarValue<'a> = dyn Fn(usize, usize) -> Option<(f64, Option<(f64, f64)>)> + 'a;
+
 /// A grouped bar chart: groups (x) × series (bars), optional error bars.
-fn bar_chart(
-    title: &str,
-    groups: &[String],
-    series: &[String],
-    value: &dyn Fn(usize, usize) -> Option<(f64, Option<(f64, f64)>)>,
-) -> String {
+fn bar_chart(title: &str, groups: &[String], series: &[String], value: &BarValue<'_>) -> String {
     let (w, h, left, bottom, top) = (640.0, 260.0, 50.0, 50.0, 30.0);
     let mut lo: f64 = 0.0;
     let mut hi: f64 = 0.0;

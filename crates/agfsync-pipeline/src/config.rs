@@ -68,6 +68,42 @@ pub struct RunConfig {
     /// Diffusion-DPO training.
     #[serde(default)]
     pub train: TrainSection,
+    /// Evaluation of base and tuned models.
+    #[serde(default)]
+    pub eval: EvalSection,
+}
+
+/// `[eval]`: base against tuned on a benchmark (`agfsync eval`, `agfsync report`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// `builtin` (the built-in prompts), a prompt file (.txt/.jsonl/.csv),
+    /// `tifa:PATH` (TIFA v1.0 question file) or `hps:PATH` (HPSv2 prompt
+    /// folder or JSON object).
+    pub benchmark: String,
+    /// Use only the first N prompts (0: all).
+    pub limit: usize,
+    /// Seed of the evaluation images (the same for every model).
+    pub seed: u64,
+    /// Metrics: `clip`, `aesthetic`, `vqa`.
+    pub metrics: Vec<String>,
+    /// Bootstrap resamples for the confidence intervals.
+    pub resamples: usize,
+    /// Run the eval stage in `agfsync run`.
+    pub enabled: bool,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            benchmark: "builtin".into(),
+            limit: 0,
+            seed: 1000,
+            metrics: vec!["clip".into(), "aesthetic".into()],
+            resamples: 2000,
+            enabled: true,
+        }
+    }
 }
 
 /// `[run]`.
@@ -338,7 +374,7 @@ impl RunConfig {
                 g.embedding_noise
             ));
         }
-        for m in &self.score.metrics {
+        for m in self.score.metrics.iter().chain(&self.eval.metrics) {
             if !["clip", "aesthetic", "vqa"].contains(&m.as_str()) {
                 return bad(format!(
                     "score.metrics: unknown metric `{m}` (choose from clip, aesthetic, vqa)"
@@ -398,6 +434,16 @@ pub fn resolve_model_path(run_dir: &Path, spec: &str) -> String {
 
 /// The commented `agfsync.toml` that `agfsync init` writes for a preset.
 pub fn template(preset: Preset) -> String {
+    let text = template_text(preset);
+    if preset == Preset::Tiny {
+        // The tiny default must finish in minutes: evaluate 4 prompts.
+        text.replace("limit = 0\nseed = 1000", "limit = 4\nseed = 1000")
+    } else {
+        text
+    }
+}
+
+fn template_text(preset: Preset) -> String {
     let (models, generate, train, prompts) = match preset {
         Preset::Tiny => (
             "# Tiny random-weight models, written into models/ by `agfsync init`.\n\
@@ -486,7 +532,17 @@ pub fn template(preset: Preset) -> String {
          \n\
          [train]\n\
          # Diffusion-DPO on the pairs (LoRA unless full = true); see `agfsync train --help`.\n\
-         {train}"
+         {train}\
+         \n\
+         [eval]\n\
+         # Base against tuned (the training's LoRA), same prompts and seeds.\n\
+         # benchmark: builtin, a prompt file, tifa:PATH or hps:PATH.\n\
+         benchmark = \"builtin\"\n\
+         limit = 0\n\
+         seed = 1000\n\
+         metrics = [\"clip\", \"aesthetic\"]\n\
+         resamples = 2000\n\
+         enabled = true\n"
     )
 }
 

@@ -39,6 +39,12 @@ pub enum PipelineError {
     /// A scorer failed.
     #[error(transparent)]
     Feedback(#[from] agfsync_feedback::FeedbackError),
+    /// A benchmark file is malformed.
+    #[error(transparent)]
+    Eval(#[from] agfsync_eval::EvalError),
+    /// A LoRA file could not be read or applied.
+    #[error(transparent)]
+    Lora(#[from] agfsync_models::lora::LoraError),
     /// Training failed.
     #[error(transparent)]
     Dpo(#[from] agfsync_dpo::DpoError),

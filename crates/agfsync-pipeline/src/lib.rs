@@ -8,7 +8,7 @@
 //! machine and merged back ([`ops::merge`]).
 //!
 //! ```text
-//! prompts -> questions -> generate -> score -> pairs -> train
+//! prompts -> questions -> generate -> score -> pairs -> train -> eval
 //! ```
 //!
 //! * prompts: the built-in set or an imported list ([`prompts`]);
@@ -19,11 +19,13 @@
 //!   kept for training;
 //! * score: the configured scorers of `agfsync-feedback`;
 //! * pairs: per-prompt normalisation, weights, winner/loser ([`combine`]);
-//! * train: Diffusion-DPO on the stored latents ([`train`]).
+//! * train: Diffusion-DPO on the stored latents ([`train`]);
+//! * eval: base against tuned on a benchmark, and the report ([`eval`]).
 
 pub mod combine;
 pub mod config;
 pub mod error;
+pub mod eval;
 pub mod fault;
 pub mod ops;
 pub mod prompts;

@@ -94,6 +94,17 @@ pub fn status(run: &Run) -> Result<RunStatus> {
             run.config.train.steps,
             train.map_or_else(|| "not started".into(), |t| t.status.clone()),
         ),
+        s(
+            "eval",
+            c.eval_items,
+            crate::eval::benchmark(run).map_or(0, |(_, items)| items.len())
+                * if train.is_some_and(|t| t.status == "done") {
+                    2
+                } else {
+                    1
+                },
+            "images (base and tuned)".into(),
+        ),
     ];
     Ok(RunStatus {
         dir: run.store_dir.clone(),

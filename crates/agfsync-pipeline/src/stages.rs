@@ -50,17 +50,20 @@ pub enum Stage {
     Pairs,
     /// Diffusion-DPO.
     Train,
+    /// Base against tuned on a benchmark.
+    Eval,
 }
 
 impl Stage {
     /// Every stage, in order.
-    pub const ALL: [Stage; 6] = [
+    pub const ALL: [Stage; 7] = [
         Stage::Prompts,
         Stage::Questions,
         Stage::Generate,
         Stage::Score,
         Stage::Pairs,
         Stage::Train,
+        Stage::Eval,
     ];
 
     /// The stage's name (its subcommand).
@@ -72,6 +75,7 @@ impl Stage {
             Stage::Score => "score",
             Stage::Pairs => "pairs",
             Stage::Train => "train",
+            Stage::Eval => "eval",
         }
     }
 }
@@ -97,6 +101,7 @@ pub fn run_stage(run: &mut Run, stage: Stage, ctx: &StageContext<'_>) -> Result<
         Stage::Score => score_stage(run, ctx),
         Stage::Pairs => pairs_stage(run, ctx),
         Stage::Train => crate::train::train_stage(run, ctx),
+        Stage::Eval => crate::eval::eval_stage(run, ctx),
     };
     if let Ok(rep) = &r {
         tracing::info!(
@@ -262,7 +267,7 @@ fn weight_files(root: &Path) -> Vec<std::path::PathBuf> {
 /// Loads the diffusion model and its identity: `repo@commit` from the hub,
 /// or the folder name and a fingerprint of its weight files (the same on
 /// every machine, unlike a path).
-fn load_sd(run: &Run) -> Result<(StableDiffusion, String)> {
+pub(crate) fn load_sd_for(run: &Run) -> Result<(StableDiffusion, String)> {
     let spec = run.model_path(&run.config.models.diffusion);
     let src =
         resolve_model(&spec, &HubOptions::from_env()).map_err(agfsync_models::ModelError::from)?;
@@ -300,7 +305,7 @@ fn generate_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> 
     if todo.is_empty() {
         return Ok(report);
     }
-    let (sd, model_id) = load_sd(run)?;
+    let (sd, model_id) = load_sd_for(run)?;
     let device = run.device()?;
     let native = sd.unet.config().sample_size * sd.vae.config().scale_factor();
     let height = if g.height == 0 { native } else { g.height };
@@ -489,11 +494,13 @@ fn generate_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> 
 
 /// The scorers of the config's metrics.
 pub fn load_run_scorers(run: &Run) -> Result<Vec<Box<dyn Scorer>>> {
+    load_scorers_for(run, &run.config.score.metrics)
+}
+
+/// The scorers of `metrics`, with the models of the config.
+pub fn load_scorers_for(run: &Run, metrics: &[String]) -> Result<Vec<Box<dyn Scorer>>> {
     let m = &run.config.models;
-    let metrics = run
-        .config
-        .score
-        .metrics
+    let metrics = metrics
         .iter()
         .map(|s| Metric::parse_list(s).map(|v| v[0]))
         .collect::<std::result::Result<Vec<_>, _>>()?;

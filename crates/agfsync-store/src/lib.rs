@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 pub use error::{Result, StoreError};
 
 /// The schema version this build writes (and the newest it reads).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// The database's file name inside a run directory.
 pub const DB_FILE: &str = "agfsync.db";
@@ -116,6 +116,31 @@ const MIGRATIONS: &[&str] = &[
         version TEXT NOT NULL,
         details TEXT NOT NULL,
         PRIMARY KEY (name, model, metric)
+    );
+    "#,
+    // 1 -> 2: per-image evaluation records (the paired statistics need
+    // per-prompt values, not only the aggregates in `evaluations`).
+    r#"
+    CREATE TABLE eval_items (
+        bench TEXT NOT NULL,
+        model TEXT NOT NULL,
+        item INTEGER NOT NULL,
+        prompt TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        seed INTEGER NOT NULL,
+        image TEXT NOT NULL,
+        PRIMARY KEY (bench, model, item)
+    );
+    CREATE TABLE eval_scores (
+        bench TEXT NOT NULL,
+        model TEXT NOT NULL,
+        item INTEGER NOT NULL,
+        metric TEXT NOT NULL,
+        value REAL,
+        version TEXT NOT NULL,
+        details TEXT NOT NULL,
+        error TEXT,
+        PRIMARY KEY (bench, model, item, metric)
     );
     "#,
 ];
@@ -242,6 +267,46 @@ pub struct TrainingRecord {
     pub result: Option<String>,
 }
 
+/// One evaluation image: benchmark, model, item, its prompt and seed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalItemRecord {
+    /// Benchmark name.
+    pub bench: String,
+    /// Model name (`base`, `tuned`, ...).
+    pub model: String,
+    /// Item index within the benchmark.
+    pub item: i64,
+    /// The prompt.
+    pub prompt: String,
+    /// Group (HPSv2 style, TIFA caption id, or empty).
+    pub grp: String,
+    /// Seed of the initial latents (the same for every model).
+    pub seed: u64,
+    /// The image, relative to the run directory.
+    pub image: String,
+}
+
+/// One metric of one evaluation image.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalScoreRecord {
+    /// Benchmark name.
+    pub bench: String,
+    /// Model name.
+    pub model: String,
+    /// Item index.
+    pub item: i64,
+    /// Metric.
+    pub metric: String,
+    /// The value (`None` when scoring failed).
+    pub value: Option<f64>,
+    /// Scorer version.
+    pub version: String,
+    /// Secondary values.
+    pub details: BTreeMap<String, f64>,
+    /// Why scoring failed.
+    pub error: Option<String>,
+}
+
 /// Row counts per table: what `agfsync status` shows.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreCounts {
@@ -267,6 +332,8 @@ pub struct StoreCounts {
     pub trainings_done: usize,
     /// Evaluation rows.
     pub evaluations: usize,
+    /// Evaluation images.
+    pub eval_items: usize,
 }
 
 /// What [`Store::merge_from`] copied.
@@ -851,6 +918,7 @@ impl Store {
             pairs_skipped: n("SELECT COUNT(*) FROM pairs WHERE status != 'pair'")?,
             trainings_done: n("SELECT COUNT(*) FROM trainings WHERE status = 'done'")?,
             evaluations: n("SELECT COUNT(*) FROM evaluations")?,
+            eval_items: n("SELECT COUNT(*) FROM eval_items")?,
         })
     }
 
@@ -926,6 +994,136 @@ impl Store {
         counts.scores = new_scores.len();
         self.upsert_scores(&new_scores)?;
         Ok(counts)
+    }
+
+    /// Records evaluation images (one transaction).
+    pub fn insert_eval_items(&mut self, items: &[EvalItemRecord]) -> Result<()> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO eval_items (bench, model, item, prompt, grp, seed, image)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )
+                .map_err(e)?;
+            for i in items {
+                st.execute(params![
+                    i.bench,
+                    i.model,
+                    i.item,
+                    i.prompt,
+                    i.grp,
+                    i.seed as i64,
+                    i.image
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Evaluation images of a benchmark, by model then item.
+    pub fn eval_items(&self, bench: &str) -> Result<Vec<EvalItemRecord>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT bench, model, item, prompt, grp, seed, image FROM eval_items
+                 WHERE bench = ?1 ORDER BY model, item",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([bench], |r| {
+                Ok(EvalItemRecord {
+                    bench: r.get(0)?,
+                    model: r.get(1)?,
+                    item: r.get(2)?,
+                    prompt: r.get(3)?,
+                    grp: r.get(4)?,
+                    seed: r.get::<_, i64>(5)? as u64,
+                    image: r.get(6)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Stores evaluation scores (one transaction).
+    pub fn upsert_eval_scores(&mut self, scores: &[EvalScoreRecord]) -> Result<()> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT OR REPLACE INTO eval_scores (bench, model, item, metric, value, version, details, error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )
+                .map_err(e)?;
+            for s in scores {
+                st.execute(params![
+                    s.bench,
+                    s.model,
+                    s.item,
+                    s.metric,
+                    s.value,
+                    s.version,
+                    json_text(&s.details),
+                    s.error
+                ])
+                .map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Evaluation scores of a benchmark.
+    pub fn eval_scores(&self, bench: &str) -> Result<Vec<EvalScoreRecord>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT bench, model, item, metric, value, version, details, error FROM eval_scores
+                 WHERE bench = ?1 ORDER BY model, item, metric",
+            )
+            .map_err(self.err())?;
+        let rows = st
+            .query_map([bench], |r| {
+                Ok(EvalScoreRecord {
+                    bench: r.get(0)?,
+                    model: r.get(1)?,
+                    item: r.get(2)?,
+                    metric: r.get(3)?,
+                    value: r.get(4)?,
+                    version: r.get(5)?,
+                    details: parse_json(&r.get::<_, String>(6)?),
+                    error: r.get(7)?,
+                })
+            })
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Records an aggregate evaluation result.
+    pub fn set_evaluation(
+        &self,
+        name: &str,
+        model: &str,
+        metric: &str,
+        value: f64,
+        version: &str,
+        details: &serde_json::Value,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO evaluations (name, model, metric, value, version, details)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![name, model, metric, value, version, details.to_string()],
+            )
+            .map(|_| ())
+            .map_err(self.err())
     }
 
     /// Checks the database file's integrity (SQLite's `quick_check`).

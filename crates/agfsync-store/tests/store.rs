@@ -104,3 +104,33 @@ fn pickapic_parquet_round_trips_and_foreign_files_need_the_columns() -> Result<(
     assert!(read_pickapic(&f).is_err());
     Ok(())
 }
+
+#[test]
+fn a_version_one_store_migrates_forward_keeping_its_rows() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let db = dir.path().join("agfsync.db");
+    {
+        // A store as the first release wrote it: schema 1 only.
+        let conn = rusqlite::Connection::open(&db)?;
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             CREATE TABLE prompts (pid TEXT PRIMARY KEY, ord INTEGER NOT NULL, category TEXT NOT NULL,
+                                   text TEXT NOT NULL, source TEXT NOT NULL);
+             INSERT INTO prompts VALUES ('abc', 0, 'animals', 'a cat', 'test');",
+        )?;
+        conn.pragma_update(None, "user_version", 1)?;
+    }
+    let mut s = Store::open(dir.path())?;
+    assert_eq!(s.prompts()?.len(), 1);
+    s.insert_eval_items(&[agfsync_store::EvalItemRecord {
+        bench: "b".into(),
+        model: "base".into(),
+        item: 0,
+        prompt: "a cat".into(),
+        grp: String::new(),
+        seed: 1,
+        image: "eval/b/base/0.png".into(),
+    }])?;
+    assert_eq!(s.eval_items("b")?.len(), 1);
+    Ok(())
+}
