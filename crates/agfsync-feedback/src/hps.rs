@@ -66,9 +66,10 @@ pub const DEFAULT_HPS_TOKENIZER: &str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K";
 /// File name of the open_clip model config looked for beside a checkpoint.
 pub const OPEN_CLIP_CONFIG_FILE: &str = "open_clip_config.json";
 
-/// OpenAI CLIP's normalisation (open_clip `constants.py`).
-const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
+/// OpenAI CLIP's normalisation (open_clip `constants.py`), as Python
+/// floats; torchvision's `Normalize` rounds them to f32.
+const MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+const STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 /// Which torchvision bicubic tensor resize HPSv2's preprocessing runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -314,7 +315,7 @@ pub fn hps_pixel_values(image: &LoadedImage, size: usize, mode: HpsResize) -> Re
                 } else {
                     0.0
                 };
-                out[(c * size + y) * size + x] = (v - MEAN[c]) / STD[c];
+                out[(c * size + y) * size + x] = (v - MEAN[c] as f32) / STD[c] as f32;
             }
         }
     }
@@ -797,4 +798,48 @@ pub fn write_tiny_hps(dir: &Path, seed: u64) -> Result<PathBuf> {
     let path = dir.join("tiny-hps.safetensors");
     save_safetensors(&rw.tensors(), &path)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_released_file_names() {
+        let v = |n: &str| version_from_file_name(Path::new(n));
+        assert_eq!(v("/m/HPS_v2_compressed.pt"), Some("v2.0"));
+        assert_eq!(v("HPS_v2.1_compressed.pt"), Some("v2.1"));
+        assert_eq!(v("HPS_v2.1_compressed.safetensors"), Some("v2.1"));
+        assert_eq!(v("model.pt"), None);
+        assert_eq!(parse_hps_version("v2.1").ok(), Some("v2.1"));
+        assert_eq!(parse_hps_version("2.0").ok(), Some("v2.0"));
+        assert!(parse_hps_version("v3").is_err());
+    }
+
+    #[test]
+    fn html_entities_are_unescaped_like_python() {
+        assert_eq!(html_unescape("a &amp;amp; b"), "a &amp; b");
+        assert_eq!(html_unescape(&html_unescape("a &amp;amp; b")), "a & b");
+        assert_eq!(
+            html_unescape("&#39;x&#x41;&lt;&bogus; & y"),
+            "'xA<&bogus; & y"
+        );
+    }
+
+    #[test]
+    fn same_size_resize_is_the_identity_and_upscales_interpolate() {
+        let src: Vec<f32> = (0..3 * 4 * 5).map(|i| i as f32 / 60.0).collect();
+        for mode in [HpsResize::Antialias, HpsResize::Legacy] {
+            let same = resize_bicubic_f32(&src, (4, 5), (4, 5), mode);
+            let worst = same
+                .iter()
+                .zip(&src)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-6, "{mode:?}: {worst}");
+            let up = resize_bicubic_f32(&src, (4, 5), (8, 10), mode);
+            assert_eq!(up.len(), 3 * 8 * 10);
+            assert!(up.iter().all(|v| v.is_finite()));
+        }
+    }
 }
