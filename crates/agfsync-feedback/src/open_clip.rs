@@ -865,3 +865,71 @@ pub fn read_open_clip_config(path: &Path) -> Result<OpenClipConfig> {
         reason,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// open_clip's `model_configs/ViT-H-14.json`, verbatim.
+    const VIT_H_14_JSON: &str = r#"{
+        "embed_dim": 1024,
+        "vision_cfg": {"image_size": 224, "layers": 32, "width": 1280, "head_width": 80, "patch_size": 14},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 1024, "heads": 16, "layers": 24}
+    }"#;
+
+    /// The shapes infer() reads, as an open_clip state dict of `cfg` has them.
+    fn shapes_of(cfg: &OpenClipConfig) -> HashMap<String, Vec<usize>> {
+        let v = &cfg.vision_cfg;
+        let t = &cfg.text_cfg;
+        let vm = (v.width as f64 * v.mlp_ratio) as usize;
+        let tm = (t.width as f64 * t.mlp_ratio) as usize;
+        let mut s: HashMap<String, Vec<usize>> = [
+            (
+                "visual.conv1.weight",
+                vec![v.width, 3, v.patch_size, v.patch_size],
+            ),
+            (
+                "visual.positional_embedding",
+                vec![v.grid() * v.grid() + 1, v.width],
+            ),
+            ("visual.proj", vec![v.width, cfg.embed_dim]),
+            ("token_embedding.weight", vec![t.vocab_size, t.width]),
+            ("positional_embedding", vec![t.context_length, t.width]),
+        ]
+        .into_iter()
+        .map(|(k, s)| (k.to_string(), s))
+        .collect();
+        for i in 0..v.layers {
+            s.insert(
+                format!("visual.transformer.resblocks.{i}.mlp.c_fc.weight"),
+                vec![vm, v.width],
+            );
+        }
+        for i in 0..t.layers {
+            s.insert(
+                format!("transformer.resblocks.{i}.mlp.c_fc.weight"),
+                vec![tm, t.width],
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn vit_h_14_config_parses_and_is_inferred_from_shapes() -> std::result::Result<(), String> {
+        let parsed = OpenClipConfig::from_json(VIT_H_14_JSON)?;
+        assert_eq!(parsed, OpenClipConfig::vit_h_14());
+        assert_eq!(parsed.vision_cfg.heads(), 16);
+        assert_eq!(OpenClipConfig::infer(&shapes_of(&parsed))?, parsed);
+        Ok(())
+    }
+
+    #[test]
+    fn unsupported_towers_are_refused() {
+        let e = OpenClipConfig::from_json(r#"{"vision_cfg": {"timm_model_name": "vit_base"}}"#);
+        assert!(e.is_err_and(|m| m.contains("timm_model_name")));
+        let e = OpenClipConfig::from_json(r#"{"vision_cfg": {"layers": [3, 4, 6, 3]}}"#);
+        assert!(e.is_err_and(|m| m.contains("ResNet")));
+        let e = OpenClipConfig::from_json(r#"{"vision_cfg": {"image_size": [224, 192]}}"#);
+        assert!(e.is_err_and(|m| m.contains("square")));
+    }
+}
