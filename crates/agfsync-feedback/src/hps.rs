@@ -179,13 +179,17 @@ fn taps_legacy(input: usize, output: usize) -> Vec<[(usize, f32); 4]> {
 
 /// Resizes a planar `[3, h, w]` f32 image to `[3, oh, ow]` as
 /// `torchvision.transforms.functional.resize` does for float tensors with
-/// bicubic interpolation.
+/// bicubic interpolation. Returns an empty vector when `src` does not hold
+/// `3 * h * w` values or a size is zero.
 pub fn resize_bicubic_f32(
     src: &[f32],
     (h, w): (usize, usize),
     (oh, ow): (usize, usize),
     mode: HpsResize,
 ) -> Vec<f32> {
+    if src.len() != 3 * h * w || h == 0 || w == 0 || oh == 0 || ow == 0 {
+        return Vec::new();
+    }
     match mode {
         HpsResize::Antialias => {
             // Separable, horizontal pass first, a pass skipped when its size
@@ -304,7 +308,13 @@ pub fn hps_pixel_values(image: &LoadedImage, size: usize, mode: HpsResize) -> Re
     } else {
         resize_bicubic_f32(&planar, (h, w), (nh, nw), mode)
     };
-    let (pad_h, pad_w) = (size - nh, size - nw);
+    let (pad_h, pad_w) = (size.saturating_sub(nh), size.saturating_sub(nw));
+    if nh > size || nw > size || resized.len() != 3 * nh * nw {
+        return Err(FeedbackError::Image {
+            path: image.path.clone(),
+            reason: format!("internal error: resized to {nw}x{nh} for a {size} px input"),
+        });
+    }
     let (top, left) = (pad_h / 2, pad_w / 2);
     let mut out = vec![0f32; 3 * size * size];
     for c in 0..3 {
@@ -824,6 +834,28 @@ mod tests {
             html_unescape("&#39;x&#x41;&lt;&bogus; & y"),
             "'xA<&bogus; & y"
         );
+    }
+
+    #[test]
+    fn exact_longest_side_is_padded_and_too_thin_images_are_errors() -> Result<()> {
+        // 56x20 has its longest side at 56 already: HPSv2 would neither
+        // resize nor pad (and then fail); we pad, so the image is scored.
+        let img = LoadedImage::from_rgb("w.png", 56, 20, vec![255; 56 * 20 * 3])?;
+        let px = hps_pixel_values(&img, 56, HpsResize::Antialias)?;
+        assert_eq!(px.len(), 3 * 56 * 56);
+        let white = (1.0 - MEAN[0] as f32) / STD[0] as f32;
+        let black = -(MEAN[0] as f32) / STD[0] as f32;
+        assert_eq!(
+            px[17 * 56],
+            black,
+            "row 17 is padding (36 rows: 18 above, 18 below)"
+        );
+        assert_eq!(px[18 * 56], white, "row 18 is the image");
+        assert_eq!(px[38 * 56], black, "row 38 is padding");
+        let thin = LoadedImage::from_rgb("t.png", 1000, 1, vec![0; 1000 * 3])?;
+        let e = hps_pixel_values(&thin, 56, HpsResize::Antialias);
+        assert!(e.is_err_and(|e| e.to_string().contains("too thin")));
+        Ok(())
     }
 
     #[test]
