@@ -3,6 +3,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use agfsync_feedback::hps::HpsResize;
 use agfsync_feedback::score_images::{
     load_scorers, score_images, Metric, ScoreImagesOptions, ScorerSpec,
 };
@@ -22,7 +23,7 @@ pub struct ScoreArgs {
     /// The prompt the images were made from.
     #[arg(long)]
     pub prompt: String,
-    /// Metrics, comma separated: clip, aesthetic (vqa and hps are coming).
+    /// Metrics, comma separated: clip, aesthetic, hps (vqa is coming).
     #[arg(long, default_value = "clip")]
     pub metrics: String,
     /// CLIP model: a transformers folder or hub id (ViT-L/14 for the
@@ -32,6 +33,27 @@ pub struct ScoreArgs {
     /// LAION aesthetic predictor head (.safetensors or the original .pth).
     #[arg(long)]
     pub aesthetic_model: Option<PathBuf>,
+    /// HPSv2 checkpoint: HPS_v2_compressed.pt / HPS_v2.1_compressed.pt (read
+    /// without running pickled code) or a safetensors copy in open_clip's layout.
+    #[arg(long)]
+    pub hps_model: Option<PathBuf>,
+    /// HPS tokenizer: a folder, its tokenizer.json, or a hub id. Default: a
+    /// `tokenizer/` folder beside the checkpoint, else
+    /// laion/CLIP-ViT-H-14-laion2B-s32B-b79K.
+    #[arg(long)]
+    pub hps_tokenizer: Option<String>,
+    /// HPS checkpoint version recorded with the scores: v2.0 or v2.1.
+    /// Default: recognised from the file name, else `unknown`.
+    #[arg(long)]
+    pub hps_version: Option<String>,
+    /// open_clip model config (JSON) of the HPS checkpoint. Default:
+    /// open_clip_config.json beside it, else inferred (ViT-H-14).
+    #[arg(long)]
+    pub hps_config: Option<PathBuf>,
+    /// torchvision resize HPS preprocessing reproduces: `aa` (torchvision >=
+    /// 0.17, antialiased) or `noaa` (older torchvision).
+    #[arg(long, default_value = "aa")]
+    pub hps_resize: String,
     /// Images scored together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -61,10 +83,21 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     if metrics.contains(&Metric::Aesthetic) && a.aesthetic_model.is_none() {
         bail!("--metrics aesthetic needs --aesthetic-model (the LAION head file)");
     }
+    if metrics.contains(&Metric::Hps) && a.hps_model.is_none() {
+        bail!("--metrics hps needs --hps-model (HPS_v2_compressed.pt or HPS_v2.1_compressed.pt)");
+    }
+    let Some(hps_resize) = HpsResize::from_name(&a.hps_resize) else {
+        bail!("--hps-resize {}: choose aa or noaa", a.hps_resize);
+    };
     let spec = ScorerSpec {
         metrics,
         clip_model,
         aesthetic_model: a.aesthetic_model.clone(),
+        hps_model: a.hps_model.clone(),
+        hps_tokenizer: a.hps_tokenizer.clone(),
+        hps_version: a.hps_version.clone(),
+        hps_config: a.hps_config.clone(),
+        hps_resize,
         dtype,
         device,
         batch_size: a.batch_size,

@@ -10,6 +10,12 @@
 //! * [`aesthetic::AestheticScorer`]: the LAION improved aesthetic predictor
 //!   on CLIP ViT-L/14 image embeddings, loaded from safetensors or, safely,
 //!   from the original `.pth` ([`pth`]);
+//! * [`hps::HpsScorer`]: HPSv2 (`100 * cos` on the HPS fine-tuned OpenCLIP
+//!   ViT-H/14, v2.0 or v2.1 checkpoint recorded in the version), with
+//!   HPSv2's own preprocessing and open_clip's tokenisation, on an OpenCLIP
+//!   model in open_clip's key layout ([`open_clip::OpenClipModel`]) loaded
+//!   from safetensors or the released `.pt`; [`hps::write_tiny_hps`] writes a
+//!   tiny random one for tests;
 //! * image decoding ([`image_input`]) and transformers' `CLIPImageProcessor`
 //!   ([`preprocess`]) reproduced pixel for pixel (both of its backends);
 //! * the [`scorer::Scorer`] trait every metric implements, and
@@ -17,8 +23,8 @@
 //!   `agfsync score-images` ([`score_images::load_scorers`] loads the models
 //!   once).
 //!
-//! Not yet: the VQA score (`score_images::Metric::Vqa`), HPSv2
-//! (`score_images::Metric::Hps`), score combination and pair selection.
+//! Not yet: the VQA score (`score_images::Metric::Vqa`), score combination
+//! and pair selection.
 //!
 //! ```no_run
 //! use agfsync_feedback::score_images::{load_scorers, score_images, Metric, ScorerSpec, ScoreImagesOptions};
@@ -48,8 +54,10 @@ pub mod clip;
 pub mod clip_score;
 pub mod clip_vision;
 pub mod error;
+pub mod hps;
 pub mod image_input;
 pub mod jpeg;
+pub mod open_clip;
 pub mod preprocess;
 pub mod pth;
 pub mod score_images;

@@ -9,7 +9,8 @@
 //! walks that tree and accepts exactly a state dict: string keys whose
 //! values are tensors (`torch._utils._rebuild_tensor_v2` over a
 //! `torch.*Storage`, optionally wrapped by `_rebuild_parameter`), plus
-//! `torch.nn.Module.state_dict()`'s `_metadata` (plain data). Any other
+//! `torch.nn.Module.state_dict()`'s `_metadata` (plain data), optionally
+//! wrapped as `{'state_dict': ...}` beside plain data. Any other
 //! global or non-tensor entry is refused with its name, as a safe loader
 //! must: unpickling it in Python would run code or build arbitrary objects.
 
@@ -166,8 +167,38 @@ fn describe(o: &Object) -> String {
 }
 
 /// The top level must be a dict (or an `OrderedDict`, which candle's reader
-/// turns into a dict, with `_metadata` merged in by BUILD).
+/// turns into a dict, with `_metadata` merged in by BUILD). A training
+/// checkpoint's wrapper, `{'state_dict': {...}, ...}` (how open_clip and
+/// HPSv2 save models), is unwrapped; its other entries must be plain data
+/// (epoch numbers, names), and anything else is refused by name.
 fn state_dict_entries(root: Object) -> std::result::Result<Vec<(String, Object)>, String> {
+    let entries = dict_entries(root)?;
+    let wrapped = entries
+        .iter()
+        .any(|(k, v)| k == "state_dict" && matches!(v, Object::Dict(_)));
+    if !wrapped {
+        return Ok(entries);
+    }
+    let mut inner = None;
+    for (k, v) in entries {
+        if k == "state_dict" {
+            inner = Some(v);
+        } else {
+            plain_data(&v).map_err(|why| {
+                format!(
+                    "the checkpoint's entry `{k}` (beside `state_dict`) {why}; only plain \
+                     data may accompany the state dict"
+                )
+            })?;
+        }
+    }
+    match inner {
+        Some(v) => dict_entries(v),
+        None => Err("the checkpoint has no `state_dict`".into()),
+    }
+}
+
+fn dict_entries(root: Object) -> std::result::Result<Vec<(String, Object)>, String> {
     let kv = match root {
         Object::Dict(kv) => kv,
         other => {

@@ -17,6 +17,7 @@ use crate::aesthetic::{AestheticHead, AestheticScorer};
 use crate::clip::{ClipLoadOptions, ClipModel};
 use crate::clip_score::ClipScorer;
 use crate::error::{FeedbackError, Result};
+use crate::hps::{HpsLoadOptions, HpsResize, HpsScorer};
 use crate::image_input::{load_image, DecodeOptions, LoadedImage};
 use crate::preprocess::ResizeBackend;
 use crate::scorer::{BatchCache, ScoreRequest, Scorer};
@@ -30,7 +31,7 @@ pub enum Metric {
     Aesthetic,
     /// VQA score (`--vqa-model`, `--questions`): not implemented yet.
     Vqa,
-    /// HPSv2 (`--hps-model`): not implemented yet.
+    /// HPSv2 (`--hps-model`).
     Hps,
 }
 
@@ -85,8 +86,18 @@ pub struct ScorerSpec {
     pub aesthetic_model: Option<PathBuf>,
     /// The VQA model (future).
     pub vqa_model: Option<ModelSource>,
-    /// The HPSv2 checkpoint (future).
+    /// The HPSv2 checkpoint (`.pt` as released, or safetensors).
     pub hps_model: Option<PathBuf>,
+    /// The HPS tokenizer (folder, file or hub id; see
+    /// [`HpsLoadOptions::tokenizer`]).
+    pub hps_tokenizer: Option<String>,
+    /// `v2.0` / `v2.1` (default: from the checkpoint's file name).
+    pub hps_version: Option<String>,
+    /// An open_clip model config for the HPS checkpoint (default: beside
+    /// it, else inferred from its shapes).
+    pub hps_config: Option<PathBuf>,
+    /// Which torchvision resize HPS preprocessing reproduces.
+    pub hps_resize: HpsResize,
     /// Compute dtype.
     pub dtype: DType,
     /// Device.
@@ -105,6 +116,10 @@ impl Default for ScorerSpec {
             aesthetic_model: None,
             vqa_model: None,
             hps_model: None,
+            hps_tokenizer: None,
+            hps_version: None,
+            hps_config: None,
+            hps_resize: HpsResize::default(),
             dtype: DType::F32,
             device: Device::Cpu,
             resize_backend: ResizeBackend::Pil,
@@ -162,7 +177,28 @@ pub fn load_scorers(spec: &ScorerSpec) -> Result<Vec<Box<dyn Scorer>>> {
                     AestheticScorer::new(c, head)?.with_batch_size(spec.batch_size),
                 ));
             }
-            Metric::Vqa | Metric::Hps => {
+            Metric::Hps => {
+                let path = spec.hps_model.as_ref().ok_or_else(|| {
+                    FeedbackError::Invalid(
+                        "the hps metric needs --hps-model (HPS_v2_compressed.pt or \
+                         HPS_v2.1_compressed.pt from the xswu/HPSv2 hub repo, or a safetensors copy)"
+                            .into(),
+                    )
+                })?;
+                out.push(Box::new(HpsScorer::load(
+                    path,
+                    &HpsLoadOptions {
+                        config: spec.hps_config.clone(),
+                        tokenizer: spec.hps_tokenizer.clone(),
+                        version: spec.hps_version.clone(),
+                        resize: spec.hps_resize,
+                        dtype: spec.dtype,
+                        device: spec.device.clone(),
+                        batch_size: spec.batch_size,
+                    },
+                )?));
+            }
+            Metric::Vqa => {
                 return Err(FeedbackError::Invalid(format!(
                     "the {} metric is not implemented yet",
                     m.name()
