@@ -17,8 +17,12 @@
 //!   `agfsync score-images` ([`score_images::load_scorers`] loads the models
 //!   once).
 //!
-//! Not yet: the VQA score (`score_images::Metric::Vqa`), HPSv2
-//! (`score_images::Metric::Hps`), score combination and pair selection.
+//! * [`vqa::VqaScorer`]: the VQA score (AGFSync's `100 * correct /
+//!   questions`, P(yes), VQAScore) on LLaVA-1.5 ([`llava::Llava`], with the
+//!   Llama decoder of `agfsync_models::llama`);
+//!
+//! Not yet: HPSv2 (`score_images::Metric::Hps`), score combination and
+//! pair selection.
 //!
 //! ```no_run
 //! use agfsync_feedback::score_images::{load_scorers, score_images, Metric, ScorerSpec, ScoreImagesOptions};
@@ -50,9 +54,11 @@ pub mod clip_vision;
 pub mod error;
 pub mod image_input;
 pub mod jpeg;
+pub mod llava;
 pub mod preprocess;
 pub mod pth;
 pub mod score_images;
 pub mod scorer;
+pub mod vqa;
 
 pub use error::{FeedbackError, Result};
