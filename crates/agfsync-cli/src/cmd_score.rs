@@ -7,6 +7,7 @@ use agfsync_feedback::score_images::{
     load_scorers, score_images, Metric, ScoreImagesOptions, ScorerSpec,
 };
 use agfsync_feedback::scorer::ScoreRequest;
+use agfsync_feedback::vqa::read_questions;
 use agfsync_models::hub::{resolve_model, HubOptions};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -22,7 +23,7 @@ pub struct ScoreArgs {
     /// The prompt the images were made from.
     #[arg(long)]
     pub prompt: String,
-    /// Metrics, comma separated: clip, aesthetic (vqa and hps are coming).
+    /// Metrics, comma separated: clip, aesthetic, vqa (hps is coming).
     #[arg(long, default_value = "clip")]
     pub metrics: String,
     /// CLIP model: a transformers folder or hub id (ViT-L/14 for the
@@ -32,6 +33,15 @@ pub struct ScoreArgs {
     /// LAION aesthetic predictor head (.safetensors or the original .pth).
     #[arg(long)]
     pub aesthetic_model: Option<PathBuf>,
+    /// VQA model (`--metrics vqa`): a llava-hf LLaVA-1.5 folder or hub id
+    /// (e.g. llava-hf/llava-1.5-7b-hf).
+    #[arg(long)]
+    pub vqa_model: Option<String>,
+    /// Questions about the prompt for the VQA score: a JSON array of
+    /// TIFA-style questions ({"question", "choices", "answer", ...}) or
+    /// JSONL, one per line. Without it the VQA value is 100 * VQAScore.
+    #[arg(long)]
+    pub questions: Option<PathBuf>,
     /// Images scored together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -61,9 +71,23 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     if metrics.contains(&Metric::Aesthetic) && a.aesthetic_model.is_none() {
         bail!("--metrics aesthetic needs --aesthetic-model (the LAION head file)");
     }
+    let vqa_model = match (&a.vqa_model, metrics.contains(&Metric::Vqa)) {
+        (Some(spec), true) => Some(resolve_model(spec, &HubOptions::from_env())?),
+        (None, true) => bail!(
+            "--metrics vqa needs --vqa-model (a llava-hf LLaVA-1.5 folder or hub id, \
+             e.g. llava-hf/llava-1.5-7b-hf)"
+        ),
+        (_, false) => None,
+    };
+    // Read the questions before loading any model: a bad file fails fast.
+    let questions = match &a.questions {
+        Some(path) => read_questions(path)?,
+        None => Vec::new(),
+    };
     let spec = ScorerSpec {
         metrics,
         clip_model,
+        vqa_model,
         aesthetic_model: a.aesthetic_model.clone(),
         dtype,
         device,
@@ -78,7 +102,10 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let summary = score_images(
         &a.images,
-        &ScoreRequest::prompt(&a.prompt),
+        &ScoreRequest {
+            prompt: &a.prompt,
+            questions: &questions,
+        },
         &scorers,
         &options,
         |report| {

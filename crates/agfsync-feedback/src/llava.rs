@@ -305,6 +305,18 @@ impl Llava {
                     src.describe("")
                 ))
             })?;
+        // LlavaImageProcessor can pad to a square before resizing; that is
+        // not reproduced, so refuse it rather than score different pixels.
+        let raw = crate::error::read_json_value(&processor_path, "image processor config")?;
+        if raw.get("do_pad").and_then(Value::as_bool) == Some(true) {
+            return Err(FeedbackError::Config {
+                path: processor_path,
+                what: "image processor config for LLaVA-1.5",
+                reason: "`do_pad: true` (pad to square, LlavaImageProcessor) is not implemented; \
+                         llava-hf's LLaVA-1.5 checkpoints use CLIPImageProcessor without padding"
+                    .into(),
+            });
+        }
         let processor = ClipImageProcessor::from_file(&processor_path, options.resize_backend)?;
         let files = find_weights(src, "", "model", None)?;
         let vb = open_safetensors(&files, options.dtype, &options.device)?;

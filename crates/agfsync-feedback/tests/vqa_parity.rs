@@ -323,6 +323,18 @@ fn bad_model_folders_are_explained() -> Result<()> {
         dir.join("preprocessor_config.json"),
     )?;
 
+    let pre = std::fs::read_to_string(dir.join("preprocessor_config.json"))?;
+    std::fs::write(
+        dir.join("preprocessor_config.json"),
+        pre.replacen('{', "{\"do_pad\": true,", 1),
+    )?;
+    let e = load(&dir).expect_err("pad to square").to_string();
+    assert!(
+        e.contains("do_pad") && e.contains("preprocessor_config.json"),
+        "{e}"
+    );
+    std::fs::write(dir.join("preprocessor_config.json"), &pre)?;
+
     std::fs::rename(dir.join("model.safetensors"), tmp.path().join("m.st"))?;
     let e = load(&dir).expect_err("no weights").to_string();
     assert!(e.contains("model.safetensors"), "{e}");
