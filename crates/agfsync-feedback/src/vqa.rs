@@ -433,9 +433,9 @@ impl VqaScorer {
                 let pad = width - seq.len();
                 let row = logp.i(r)?;
                 let mut total = 0f64;
-                for j in seq.len() - cont..seq.len() {
+                for (j, &tok) in seq.iter().enumerate().skip(seq.len() - cont) {
                     // Token j is predicted by the position before it.
-                    let lp = row.i((pad + j - 1, seq[j] as usize))?.to_scalar::<f32>()?;
+                    let lp = row.i((pad + j - 1, tok as usize))?.to_scalar::<f32>()?;
                     total += f64::from(lp);
                 }
                 logliks[*qi].push(total);
