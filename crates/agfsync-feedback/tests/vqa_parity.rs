@@ -354,3 +354,81 @@ fn bad_model_folders_are_explained() -> Result<()> {
     assert!(e.contains("tokenizer.json"), "{e}");
     Ok(())
 }
+
+/// The other key layouts load to the same model: transformers 5's module
+/// names (`model.vision_tower.vision_model.*`, `model.language_model.*`,
+/// `lm_head.*`), and the hub's llava-hf names (`vision_tower.vision_model.*`,
+/// `language_model.model.*`) in a sharded checkpoint.
+#[test]
+fn every_key_layout_and_sharding_load() -> Result<()> {
+    let f = fixture()?;
+    let src = root().join("tiny-llava");
+    let tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu)?;
+    let rename = |k: &str, modules: bool| -> String {
+        let k = match k.strip_prefix("vision_tower.") {
+            Some(rest) => format!("vision_tower.vision_model.{rest}"),
+            None => k.to_string(),
+        };
+        if !modules {
+            return k;
+        }
+        if let Some(rest) = k.strip_prefix("language_model.model.") {
+            format!("model.language_model.{rest}")
+        } else if let Some(rest) = k.strip_prefix("language_model.lm_head.") {
+            format!("lm_head.{rest}")
+        } else {
+            format!("model.{k}")
+        }
+    };
+    let tmp = tempfile::tempdir()?;
+    let prompt = &f.strings("prompts")?[0];
+    let want = f.get("logits")?.i((0, 0))?;
+    for (name, modules, sharded) in [("modules", true, false), ("hub", false, true)] {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir)?;
+        for file in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+            std::fs::copy(src.join(file), dir.join(file))?;
+        }
+        let renamed: HashMap<String, Tensor> = tensors
+            .iter()
+            .map(|(k, v)| (rename(k, modules), v.clone()))
+            .collect();
+        if sharded {
+            let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+            let mut map = serde_json::Map::new();
+            for (k, v) in renamed {
+                let s = usize::from(k.starts_with("language_model."));
+                let file = format!("model-0000{}-of-00002.safetensors", s + 1);
+                map.insert(k.clone(), serde_json::Value::String(file));
+                shards[s].insert(k, v);
+            }
+            for (s, shard) in shards.iter().enumerate() {
+                candle_core::safetensors::save(
+                    shard,
+                    dir.join(format!("model-0000{}-of-00002.safetensors", s + 1)),
+                )?;
+            }
+            let index = serde_json::json!({"metadata": {}, "weight_map": map});
+            std::fs::write(
+                dir.join("model.safetensors.index.json"),
+                serde_json::to_string(&index)?,
+            )?;
+        } else {
+            candle_core::safetensors::save(&renamed, dir.join("model.safetensors"))?;
+        }
+        let m = Llava::load(&ModelSource::local(&dir), &LlavaLoadOptions::default())?;
+        let feats = m
+            .image_features(&f.get("pixel_values.wide_png")?.unsqueeze(0)?)?
+            .squeeze(0)?;
+        let ids = m.encode_prompt(prompt)?;
+        let mut cache = m.prefix_cache(&ids.before, &feats)?;
+        let after = Tensor::from_vec(ids.after.clone(), (1, ids.after.len()), &Device::Cpu)?;
+        let got = m
+            .lm()
+            .forward(LmInput::Ids(&after), None, &mut cache, LogitsAt::Last)?
+            .squeeze(0)?;
+        let d = max_abs(&got, &want)?;
+        assert!(d < 1e-4, "{name}: {d}");
+    }
+    Ok(())
+}
