@@ -7,7 +7,7 @@ use agfsync_feedback::score_images::{
     load_scorers, score_images, Metric, ScoreImagesOptions, ScorerSpec,
 };
 use agfsync_feedback::scorer::ScoreRequest;
-use agfsync_feedback::vqa::read_questions;
+use agfsync_feedback::vqa::{read_questions, VqaOptions, AGFSYNC_QUESTION_TEMPLATE};
 use agfsync_models::hub::{resolve_model, HubOptions};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -42,6 +42,13 @@ pub struct ScoreArgs {
     /// JSONL, one per line. Without it the VQA value is 100 * VQAScore.
     #[arg(long)]
     pub questions: Option<PathBuf>,
+    /// VQA question prompt, put inside the model's chat template;
+    /// `{question}` and `{choices}` (a Python-style list) are filled in.
+    #[arg(long, default_value = AGFSYNC_QUESTION_TEMPLATE)]
+    pub vqa_question_template: String,
+    /// Longest greedy answer to a yes/no question, in tokens.
+    #[arg(long, default_value_t = 6)]
+    pub vqa_max_new_tokens: usize,
     /// Images scored together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -88,6 +95,11 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
         metrics,
         clip_model,
         vqa_model,
+        vqa_options: VqaOptions {
+            question_template: a.vqa_question_template.clone(),
+            max_new_tokens: a.vqa_max_new_tokens.max(1),
+            ..VqaOptions::default()
+        },
         aesthetic_model: a.aesthetic_model.clone(),
         dtype,
         device,

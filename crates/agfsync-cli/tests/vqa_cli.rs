@@ -97,6 +97,16 @@ fn vqa_input_errors_are_clean() -> Result<()> {
         .arg(image())
         .output()?;
     assert_clean_error(&out, &["--vqa-model"]);
+    // A question template without its placeholder.
+    let out = bin()
+        .args(["score-images", "--metrics", "vqa", "--prompt", "x"])
+        .args(["--vqa-question-template", "Answer:"])
+        .arg("--images")
+        .arg(image())
+        .arg("--vqa-model")
+        .arg(&model)
+        .output()?;
+    assert_clean_error(&out, &["{question}"]);
     // A model folder without its tokenizer names the file and the fix.
     std::fs::remove_file(model.join("tokenizer.json"))?;
     assert_clean_error(
