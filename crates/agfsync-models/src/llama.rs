@@ -389,6 +389,10 @@ impl CausalLm {
                 stdev: 0.02,
             },
         )?;
+        // Biases the config does not announce but the checkpoint holds
+        // (a Qwen2-style model saved under another model_type) are used.
+        let qkv_bias = cfg.qkv_bias || body.contains_tensor("layers.0.self_attn.q_proj.bias");
+        let o_bias = cfg.o_bias || body.contains_tensor("layers.0.self_attn.o_proj.bias");
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let lv = body.pp(format!("layers.{i}"));
@@ -398,10 +402,10 @@ impl CausalLm {
                 cfg.num_key_value_heads * cfg.head_dim,
             );
             let self_attn = Attention {
-                q_proj: Linear::new(h, q, cfg.qkv_bias, av.pp("q_proj"))?,
-                k_proj: Linear::new(h, kv, cfg.qkv_bias, av.pp("k_proj"))?,
-                v_proj: Linear::new(h, kv, cfg.qkv_bias, av.pp("v_proj"))?,
-                o_proj: Linear::new(q, h, cfg.o_bias, av.pp("o_proj"))?,
+                q_proj: Linear::new(h, q, qkv_bias, av.pp("q_proj"))?,
+                k_proj: Linear::new(h, kv, qkv_bias, av.pp("k_proj"))?,
+                v_proj: Linear::new(h, kv, qkv_bias, av.pp("v_proj"))?,
+                o_proj: Linear::new(q, h, o_bias, av.pp("o_proj"))?,
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,

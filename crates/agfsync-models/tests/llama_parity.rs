@@ -227,3 +227,22 @@ fn configs_transformers_4_and_5_and_bad_ones() {
     assert!(LlamaConfig::from_json(r#"{"model_type": "gpt2"}"#).is_err());
     assert!(LlamaConfig::from_json(r#"{"hidden_size": "big"}"#).is_err());
 }
+
+/// A Qwen2 checkpoint whose config says `llama` still gets its q/k/v
+/// biases: they are detected from the weights.
+#[test]
+fn qkv_biases_are_detected_from_the_weights() -> Result<()> {
+    let (t, j) = refs()?;
+    let dir = root().join("tiny-qwen2");
+    let text = std::fs::read_to_string(dir.join("config.json"))?;
+    let mut v: serde_json::Value = serde_json::from_str(&text)?;
+    v["model_type"] = "llama".into();
+    let cfg = LlamaConfig::from_value(&v).map_err(anyhow::Error::msg)?;
+    assert!(!cfg.qkv_bias);
+    let vb = open_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)?;
+    let lm = CausalLm::new_causal_lm(&cfg, vb)?;
+    let sequences = seqs(&j["qwen2_sequences"])?;
+    let d = check_logits(&lm, &sequences, "qwen2_logits", &t)?;
+    assert!(d < 1e-4, "{d}");
+    Ok(())
+}
