@@ -8,6 +8,7 @@ use agfsync_feedback::score_images::{
     load_scorers, score_images, Metric, ScoreImagesOptions, ScorerSpec,
 };
 use agfsync_feedback::scorer::ScoreRequest;
+use agfsync_feedback::vqa::{read_questions, VqaOptions, AGFSYNC_QUESTION_TEMPLATE};
 use agfsync_models::hub::{resolve_model, HubOptions};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -23,7 +24,7 @@ pub struct ScoreArgs {
     /// The prompt the images were made from.
     #[arg(long)]
     pub prompt: String,
-    /// Metrics, comma separated: clip, aesthetic, hps (vqa is coming).
+    /// Metrics, comma separated: clip, aesthetic, vqa, hps.
     #[arg(long, default_value = "clip")]
     pub metrics: String,
     /// CLIP model: a transformers folder or hub id (ViT-L/14 for the
@@ -54,6 +55,22 @@ pub struct ScoreArgs {
     /// 0.17, antialiased) or `noaa` (older torchvision).
     #[arg(long, default_value = "aa")]
     pub hps_resize: String,
+    /// VQA model (`--metrics vqa`): a llava-hf LLaVA-1.5 folder or hub id
+    /// (e.g. llava-hf/llava-1.5-7b-hf).
+    #[arg(long)]
+    pub vqa_model: Option<String>,
+    /// Questions about the prompt for the VQA score: a JSON array of
+    /// TIFA-style questions ({"question", "choices", "answer", ...}) or
+    /// JSONL, one per line. Without it the VQA value is 100 * VQAScore.
+    #[arg(long)]
+    pub questions: Option<PathBuf>,
+    /// VQA question prompt, put inside the model's chat template;
+    /// `{question}` and `{choices}` (a Python-style list) are filled in.
+    #[arg(long, default_value = AGFSYNC_QUESTION_TEMPLATE)]
+    pub vqa_question_template: String,
+    /// Longest greedy answer to a yes/no question, in tokens.
+    #[arg(long, default_value_t = 6)]
+    pub vqa_max_new_tokens: usize,
     /// Images scored together.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -89,9 +106,28 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     let Some(hps_resize) = HpsResize::from_name(&a.hps_resize) else {
         bail!("--hps-resize {}: choose aa or noaa", a.hps_resize);
     };
+    let vqa_model = match (&a.vqa_model, metrics.contains(&Metric::Vqa)) {
+        (Some(spec), true) => Some(resolve_model(spec, &HubOptions::from_env())?),
+        (None, true) => bail!(
+            "--metrics vqa needs --vqa-model (a llava-hf LLaVA-1.5 folder or hub id, \
+             e.g. llava-hf/llava-1.5-7b-hf)"
+        ),
+        (_, false) => None,
+    };
+    // Read the questions before loading any model: a bad file fails fast.
+    let questions = match &a.questions {
+        Some(path) => read_questions(path)?,
+        None => Vec::new(),
+    };
     let spec = ScorerSpec {
         metrics,
         clip_model,
+        vqa_model,
+        vqa_options: VqaOptions {
+            question_template: a.vqa_question_template.clone(),
+            max_new_tokens: a.vqa_max_new_tokens.max(1),
+            ..VqaOptions::default()
+        },
         aesthetic_model: a.aesthetic_model.clone(),
         hps_model: a.hps_model.clone(),
         hps_tokenizer: a.hps_tokenizer.clone(),
@@ -111,7 +147,10 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     let stdout = std::io::stdout();
     let summary = score_images(
         &a.images,
-        &ScoreRequest::prompt(&a.prompt),
+        &ScoreRequest {
+            prompt: &a.prompt,
+            questions: &questions,
+        },
         &scorers,
         &options,
         |report| {

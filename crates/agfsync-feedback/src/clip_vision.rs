@@ -285,9 +285,23 @@ impl ClipVisionModel {
         self.projection_dim
     }
 
-    /// Encodes `pixel_values` (`[b, channels, image_size, image_size]`, as
-    /// `CLIPImageProcessor` makes them).
-    pub fn forward(&self, pixel_values: &Tensor, pass: Pass) -> Result<ClipVisionOutput> {
+    /// Number of encoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// transformers' `hidden_states[index]` of `pixel_values`: index 0 is
+    /// the embeddings after `pre_layrnorm`, index k the output of layer k
+    /// (`[b, 1 + patches, hidden]`, class token first). Only the first
+    /// `index` layers run: LLaVA reads the second-to-last layer and never
+    /// needs the last.
+    pub fn hidden_state(&self, pixel_values: &Tensor, index: usize, pass: Pass) -> Result<Tensor> {
+        if index > self.layers.len() {
+            candle_core::bail!(
+                "vision tower: hidden state {index} asked of a {}-layer encoder",
+                self.layers.len()
+            );
+        }
         let (b, c, h, w) = pixel_values.dims4()?;
         let cfg = &self.config;
         if h != cfg.image_size || w != cfg.image_size || c != cfg.num_channels {
@@ -318,9 +332,16 @@ impl ClipVisionModel {
         let x = Tensor::cat(&[&cls, &patch_embeds], 1)?;
         let mut x = x.broadcast_add(&pass.weight(&self.position_embedding))?;
         x = self.pre_layrnorm.forward(&x, pass)?;
-        for layer in &self.layers {
+        for layer in &self.layers[..index] {
             x = layer.forward(&x, None, pass)?;
         }
+        Ok(x)
+    }
+
+    /// Encodes `pixel_values` (`[b, channels, image_size, image_size]`, as
+    /// `CLIPImageProcessor` makes them).
+    pub fn forward(&self, pixel_values: &Tensor, pass: Pass) -> Result<ClipVisionOutput> {
+        let x = self.hidden_state(pixel_values, self.layers.len(), pass)?;
         let pooled = self
             .post_layernorm
             .forward(&x.narrow(1, 0, 1)?.squeeze(1)?, pass)?;

@@ -23,8 +23,12 @@
 //!   `agfsync score-images` ([`score_images::load_scorers`] loads the models
 //!   once).
 //!
-//! Not yet: the VQA score (`score_images::Metric::Vqa`), score combination
-//! and pair selection.
+//! * [`vqa::VqaScorer`]: the VQA score (AGFSync's `100 * correct /
+//!   questions`, P(yes), VQAScore) on LLaVA-1.5 ([`llava::Llava`], with the
+//!   Llama decoder of `agfsync_models::llama`);
+//!
+//! Not here: score combination and pair selection live in
+//! `agfsync-pipeline`.
 //!
 //! ```no_run
 //! use agfsync_feedback::score_images::{load_scorers, score_images, Metric, ScorerSpec, ScoreImagesOptions};
@@ -57,11 +61,13 @@ pub mod error;
 pub mod hps;
 pub mod image_input;
 pub mod jpeg;
+pub mod llava;
 pub mod open_clip;
 pub mod preprocess;
 pub mod pth;
 pub mod score_images;
 pub mod scorer;
 pub mod tiny;
+pub mod vqa;
 
 pub use error::{FeedbackError, Result};

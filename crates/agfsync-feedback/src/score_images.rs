@@ -19,8 +19,10 @@ use crate::clip_score::ClipScorer;
 use crate::error::{FeedbackError, Result};
 use crate::hps::{HpsLoadOptions, HpsResize, HpsScorer};
 use crate::image_input::{load_image, DecodeOptions, LoadedImage};
+use crate::llava::{Llava, LlavaLoadOptions};
 use crate::preprocess::ResizeBackend;
 use crate::scorer::{BatchCache, ScoreRequest, Scorer};
+use crate::vqa::{VqaOptions, VqaScorer};
 
 /// A metric `score-images` can compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -29,7 +31,7 @@ pub enum Metric {
     Clip,
     /// LAION aesthetic score (`--aesthetic-model` on `--clip-model`).
     Aesthetic,
-    /// VQA score (`--vqa-model`, `--questions`): not implemented yet.
+    /// VQA score (`--vqa-model`, `--questions`): LLaVA-1.5.
     Vqa,
     /// HPSv2 (`--hps-model`).
     Hps,
@@ -84,8 +86,10 @@ pub struct ScorerSpec {
     pub clip_model: Option<ModelSource>,
     /// The aesthetic head (`.safetensors` or `.pth`).
     pub aesthetic_model: Option<PathBuf>,
-    /// The VQA model (future).
+    /// The VQA model (a llava-hf LLaVA-1.5 folder or hub id).
     pub vqa_model: Option<ModelSource>,
+    /// How the VQA scorer prompts its model.
+    pub vqa_options: VqaOptions,
     /// The HPSv2 checkpoint (`.pt` as released, or safetensors).
     pub hps_model: Option<PathBuf>,
     /// The HPS tokenizer (folder, file or hub id; see
@@ -115,6 +119,7 @@ impl Default for ScorerSpec {
             clip_model: None,
             aesthetic_model: None,
             vqa_model: None,
+            vqa_options: VqaOptions::default(),
             hps_model: None,
             hps_tokenizer: None,
             hps_version: None,
@@ -199,10 +204,25 @@ pub fn load_scorers(spec: &ScorerSpec) -> Result<Vec<Box<dyn Scorer>>> {
                 )?));
             }
             Metric::Vqa => {
-                return Err(FeedbackError::Invalid(format!(
-                    "the {} metric is not implemented yet",
-                    m.name()
-                )))
+                let src = spec.vqa_model.as_ref().ok_or_else(|| {
+                    FeedbackError::Invalid(
+                        "the vqa metric needs --vqa-model (a llava-hf LLaVA-1.5 folder or hub \
+                         id, e.g. llava-hf/llava-1.5-7b-hf)"
+                            .into(),
+                    )
+                })?;
+                let model = Llava::load(
+                    src,
+                    &LlavaLoadOptions {
+                        dtype: spec.dtype,
+                        device: spec.device.clone(),
+                        resize_backend: spec.resize_backend,
+                    },
+                )?;
+                out.push(Box::new(
+                    VqaScorer::new(Arc::new(model), spec.vqa_options.clone())?
+                        .with_batch_size(spec.batch_size),
+                ));
             }
         }
     }

@@ -1,5 +1,5 @@
-//! The interface every metric implements (CLIP score and aesthetic score
-//! now; VQA score and HPSv2 next), and what a score records.
+//! The interface every metric implements (CLIP score, aesthetic score,
+//! VQA score, HPSv2), and what a score records.
 //!
 //! A [`Scorer`] is built once (its models loaded once) and then called with
 //! batches of decoded images that share one prompt. It returns one outcome

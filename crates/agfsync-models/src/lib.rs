@@ -1,6 +1,6 @@
 //! Neural networks of agfsync, on candle: our own UNet (per-sample timesteps,
 //! a differentiable training pass, LoRA slots), the CLIP text encoder, the KL
-//! autoencoder, and loading of Hugging Face layouts (diffusers pipeline folders,
+//! autoencoder, a Llama/Qwen2 decoder (`llama`), and loading of Hugging Face layouts (diffusers pipeline folders,
 //! transformers folders, the hub cache).
 //!
 //! Model code returns `candle_core::Result`; loading returns [`ModelError`],
@@ -11,6 +11,7 @@ pub mod clip_text;
 pub mod clip_tokenizer;
 pub mod error;
 pub mod hub;
+pub mod llama;
 pub mod lora;
 pub mod nn;
 pub mod single_file;
