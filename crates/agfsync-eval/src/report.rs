@@ -128,7 +128,8 @@ type BarValue<'a> = dyn Fn(usize, usize) -> Option<(f64, Option<(f64, f64)>)> + 
 
 /// A grouped bar chart: groups (x) × series (bars), optional error bars.
 fn bar_chart(title: &str, groups: &[String], series: &[String], value: &BarValue<'_>) -> String {
-    let (w, h, left, bottom, top) = (640.0, 260.0, 50.0, 50.0, 30.0);
+    let w = (120.0 + 90.0 * (groups.len() * series.len()) as f64).clamp(260.0, 900.0);
+    let (h, left, bottom, top) = (220.0, 50.0, 50.0, 30.0);
     let mut lo: f64 = 0.0;
     let mut hi: f64 = 0.0;
     for g in 0..groups.len() {
@@ -225,7 +226,7 @@ fn bar_chart(title: &str, groups: &[String], series: &[String], value: &BarValue
 
 /// A line chart of `(x, y)` series.
 fn line_chart(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
-    let (w, h, left, bottom, top) = (640.0, 240.0, 50.0, 40.0, 30.0);
+    let (w, h, left, bottom, top) = (440.0, 200.0, 50.0, 40.0, 30.0);
     let pts = series.iter().flat_map(|(_, p)| p.iter());
     let (mut x0, mut x1, mut y0, mut y1) = (
         f64::INFINITY,
@@ -256,7 +257,7 @@ fn line_chart(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
          <text x=\"{}\" y=\"{:.1}\" class=\"ax\" text-anchor=\"end\">{}</text>\
          <text x=\"{}\" y=\"{:.1}\" class=\"ax\" text-anchor=\"end\">{}</text>\
          <text x=\"{left}\" y=\"{:.1}\" class=\"ax\">step {}</text>\
-         <text x=\"{}\" y=\"{:.1}\" class=\"ax\" text-anchor=\"end\">{}</text>",
+         <text x=\"{}\" y=\"{:.1}\" class=\"ax\" text-anchor=\"end\">step {}</text>",
         left - 4.0,
         py(y1) + 4.0,
         fmt(y1),
@@ -264,10 +265,10 @@ fn line_chart(title: &str, series: &[(String, Vec<(f64, f64)>)]) -> String {
         py(y0) + 4.0,
         fmt(y0),
         h - bottom + 16.0,
-        fmt(x0),
+        x0.round(),
         w - 10.0,
         h - bottom + 16.0,
-        fmt(x1),
+        x1.round(),
         t = escape(title)
     );
     for (i, (name, p)) in series.iter().enumerate() {
@@ -305,6 +306,7 @@ pub fn render_html(r: &Report) -> String {
          .ct{{font-size:14px;font-weight:600}}.ax{{font-size:11px}}\
          .grid{{display:flex;flex-wrap:wrap;gap:12px}}.cell{{text-align:center;font-size:12px}}\
          .cell img{{width:192px;height:192px;image-rendering:pixelated;border:1px solid #ccc}}\
+         .charts{{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}}\
          .row{{border-top:1px solid #ddd;padding:8px 0}}.note{{color:#666;font-size:12px}}\
          </style></head><body><h1>{t}</h1>",
         t = escape(&r.title)
@@ -354,7 +356,7 @@ pub fn render_html(r: &Report) -> String {
     }
     h.push_str("</table>");
     if !r.metrics.is_empty() {
-        h.push_str("<h2>Metrics</h2>");
+        h.push_str("<h2>Metrics</h2><div class=\"charts\">");
         for m in &r.metrics {
             let groups = vec![m.metric.clone()];
             let chart = bar_chart(&m.metric, &groups, &r.models, &|_, s| {
@@ -367,7 +369,7 @@ pub fn render_html(r: &Report) -> String {
             });
             h.push_str(&chart);
         }
-        h.push_str("<p class=\"note\">Whiskers: the second model's mean shifted by the bootstrap interval of the paired difference.</p>");
+        h.push_str("</div><p class=\"note\">Whiskers: the second model's mean shifted by the bootstrap interval of the paired difference.</p>");
     }
     if !r.tifa_by_type.is_empty() {
         let types: Vec<String> = r
@@ -402,7 +404,7 @@ pub fn render_html(r: &Report) -> String {
         ));
     }
     if !r.training.is_empty() {
-        h.push_str("<h2>Diffusion-DPO training</h2>");
+        h.push_str("<h2>Diffusion-DPO training</h2><div class=\"charts\">");
         let loss: Vec<(f64, f64)> = r.training.iter().map(|p| (p.step, p.loss)).collect();
         h.push_str(&line_chart("loss", &[("loss".into(), loss)]));
         let acc: Vec<(f64, f64)> = r

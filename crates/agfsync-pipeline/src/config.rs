@@ -143,6 +143,10 @@ pub struct ModelsSection {
     /// The VQA model (a transformers LLaVA folder or hub id).
     #[serde(default)]
     pub vqa: Option<String>,
+    /// The HPSv2 checkpoint (HPS_v2_compressed.pt / HPS_v2.1_compressed.pt
+    /// or a safetensors copy), for evaluation.
+    #[serde(default)]
+    pub hps: Option<String>,
 }
 
 /// `[prompts]`.
@@ -375,10 +379,27 @@ impl RunConfig {
             ));
         }
         for m in self.score.metrics.iter().chain(&self.eval.metrics) {
-            if !["clip", "aesthetic", "vqa"].contains(&m.as_str()) {
+            if !["clip", "aesthetic", "vqa", "hps"].contains(&m.as_str()) {
                 return bad(format!(
-                    "score.metrics: unknown metric `{m}` (choose from clip, aesthetic, vqa)"
+                    "score.metrics / eval.metrics: unknown metric `{m}` (choose from clip, \
+                     aesthetic, vqa, hps)"
                 ));
+            }
+            let needs = match m.as_str() {
+                "clip" | "aesthetic" => ("clip", self.models.clip.is_some()),
+                "vqa" => ("vqa", self.models.vqa.is_some()),
+                _ => ("hps", self.models.hps.is_some()),
+            };
+            if !needs.1 {
+                return bad(format!(
+                    "the `{m}` metric needs models.{} to be set",
+                    needs.0
+                ));
+            }
+            if m == "aesthetic" && self.models.aesthetic.is_none() {
+                return bad(
+                    "the `aesthetic` metric needs models.aesthetic (the LAION head)".into(),
+                );
             }
         }
         for (m, w) in &self.pairs.weights {
@@ -436,8 +457,21 @@ pub fn resolve_model_path(run_dir: &Path, spec: &str) -> String {
 pub fn template(preset: Preset) -> String {
     let text = template_text(preset);
     if preset == Preset::Tiny {
-        // The tiny default must finish in minutes: evaluate 4 prompts.
+        // The tiny default exercises every metric and must finish in
+        // minutes: evaluate 4 prompts.
         text.replace("limit = 0\nseed = 1000", "limit = 4\nseed = 1000")
+            .replace(
+                "metrics = [\"clip\", \"aesthetic\"]\nbatch_size",
+                "metrics = [\"clip\", \"aesthetic\", \"vqa\"]\nbatch_size",
+            )
+            .replace(
+                "weights = { clip = 0.85, aesthetic = 0.15 }",
+                "weights = { clip = 0.4, aesthetic = 0.2, vqa = 0.4 }",
+            )
+            .replace(
+                "metrics = [\"clip\", \"aesthetic\"]\nresamples",
+                "metrics = [\"clip\", \"aesthetic\", \"vqa\", \"hps\"]\nresamples",
+            )
     } else {
         text
     }
@@ -451,7 +485,8 @@ fn template_text(preset: Preset) -> String {
              diffusion = \"models/tiny-sd15\"\n\
              clip = \"models/tiny-clip\"\n\
              aesthetic = \"models/tiny-aesthetic.safetensors\"\n\
-             # vqa = \"models/tiny-llava\"\n",
+             vqa = \"models/tiny-llava\"\n\
+             hps = \"models/tiny-hps/tiny-hps.safetensors\"\n",
             "candidates = 4\nsteps = 4\nguidance_scale = 4.5\nscheduler = \"ddim\"\n\
              width = 64\nheight = 64\nembedding_noise = 0.1\nbatch_size = 4\n",
             "enabled = true\nsteps = 4\nlr = 1e-4\nbeta = 5000.0\nlora_rank = 4\n\
@@ -464,7 +499,8 @@ fn template_text(preset: Preset) -> String {
              # The LAION improved aesthetic predictor (download it yourself:\n\
              # sac+logos+ava1-l14-linearMSE.pth) put next to this file.\n\
              aesthetic = \"models/sac+logos+ava1-l14-linearMSE.pth\"\n\
-             # vqa = \"llava-hf/llava-1.5-7b-hf\"\n",
+             # vqa = \"llava-hf/llava-1.5-7b-hf\"\n\
+             # hps = \"models/HPS_v2.1_compressed.pt\"\n",
             "candidates = 8\nsteps = 15\nguidance_scale = 4.5\nscheduler = \"\"\n\
              width = 512\nheight = 512\nembedding_noise = 0.1\nbatch_size = 8\n",
             "enabled = true\nsteps = 1000\nlr = 1e-5\nbeta = 5000.0\nlora_rank = 4\n\
@@ -475,7 +511,8 @@ fn template_text(preset: Preset) -> String {
             "diffusion = \"stabilityai/stable-diffusion-xl-base-1.0\"\n\
              clip = \"openai/clip-vit-large-patch14\"\n\
              aesthetic = \"models/sac+logos+ava1-l14-linearMSE.pth\"\n\
-             # vqa = \"llava-hf/llava-1.5-7b-hf\"\n",
+             # vqa = \"llava-hf/llava-1.5-7b-hf\"\n\
+             # hps = \"models/HPS_v2.1_compressed.pt\"\n",
             "candidates = 8\nsteps = 15\nguidance_scale = 4.5\nscheduler = \"\"\n\
              width = 1024\nheight = 1024\nembedding_noise = 0.1\nbatch_size = 2\n",
             "enabled = true\nsteps = 1000\nlr = 1e-6\nbeta = 5000.0\nlora_rank = 4\n\
@@ -518,7 +555,7 @@ fn template_text(preset: Preset) -> String {
          negative_prompt = \"\"\n\
          \n\
          [score]\n\
-         # clip, aesthetic, vqa (vqa needs models.vqa and questions).\n\
+         # clip, aesthetic, vqa (vqa needs models.vqa and questions), hps.\n\
          metrics = [\"clip\", \"aesthetic\"]\n\
          batch_size = 8\n\
          \n\
@@ -584,11 +621,11 @@ mod tests {
 
     #[test]
     fn weights_must_name_scored_metrics() {
-        let text = template(Preset::Tiny).replace("clip = 0.85,", "clip = 0.85, vqa = 1.0,");
+        let text = template(Preset::Tiny).replace("clip = 0.4,", "clip = 0.4, hps = 1.0,");
         let err = RunConfig::from_toml(&text, Path::new("agfsync.toml"))
             .expect_err("a weight on an unscored metric must be refused")
             .to_string();
-        assert!(err.contains("pairs.weights.vqa"), "{err}");
+        assert!(err.contains("pairs.weights.hps"), "{err}");
     }
 
     #[test]

@@ -50,12 +50,23 @@ pub struct EvalPrompt {
 pub fn benchmark(run: &Run) -> Result<(String, Vec<EvalPrompt>)> {
     let spec = run.config.eval.benchmark.clone();
     let (name, mut items): (String, Vec<EvalPrompt>) = if spec == "builtin" {
+        // The built-in prompts come with questions: VQA then scores them.
         let items = builtin_prompts()
             .into_iter()
             .map(|p| EvalPrompt {
+                questions: crate::prompts::builtin_questions(&p)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|q| Question {
+                        question: q.question.clone(),
+                        choices: q.choices.clone(),
+                        answer: q.answer.clone(),
+                        element_type: q.element_type.clone(),
+                        element: q.element.clone(),
+                    })
+                    .collect(),
                 prompt: p.text,
                 group: p.category,
-                questions: vec![],
             })
             .collect();
         ("builtin".to_string(), items)

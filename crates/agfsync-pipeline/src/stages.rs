@@ -518,6 +518,7 @@ pub fn load_scorers_for(run: &Run, metrics: &[String]) -> Result<Vec<Box<dyn Sco
         clip_model: resolve(&m.clip)?,
         aesthetic_model: m.aesthetic.as_ref().map(|a| run.model_path(a).into()),
         vqa_model: resolve(&m.vqa)?,
+        hps_model: m.hps.as_ref().map(|a| run.model_path(a).into()),
         dtype: run.dtype()?,
         device: run.device()?,
         batch_size: run.config.score.batch_size,

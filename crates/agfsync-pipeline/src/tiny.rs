@@ -9,7 +9,8 @@ use agfsync_models::tiny::{write_tiny_sd_pipeline, TinyPreset};
 
 use crate::error::Result;
 
-/// Writes `tiny-sd15/`, `tiny-clip/` and `tiny-aesthetic.safetensors` into
+/// Writes `tiny-sd15/`, `tiny-clip/`, `tiny-aesthetic.safetensors`,
+/// `tiny-llava/` (VQA) and `tiny-hps/` (HPSv2) into
 /// `models_dir` and returns their paths.
 pub fn write_tiny_models(models_dir: &Path) -> Result<Vec<PathBuf>> {
     let sd = models_dir.join("tiny-sd15");
@@ -20,5 +21,8 @@ pub fn write_tiny_models(models_dir: &Path) -> Result<Vec<PathBuf>> {
         &models_dir.join("tiny-aesthetic.safetensors"),
         11,
     )?;
-    Ok(vec![sd, clip, head])
+    let llava = models_dir.join("tiny-llava");
+    agfsync_feedback::llava::write_tiny_llava(&llava, 13)?;
+    let hps = agfsync_feedback::hps::write_tiny_hps(&models_dir.join("tiny-hps"), 17)?;
+    Ok(vec![sd, clip, head, llava, hps])
 }
