@@ -128,11 +128,12 @@ fn run_completes_every_stage_and_status_says_so() -> Result<()> {
         .join("train/dpo/pytorch_lora_weights.safetensors")
         .is_file());
     assert!(dir.join("logs/agfsync.log").is_file());
-    // The eval stage compared base and tuned on 4 prompts, and the report
-    // holds both models' images and no external URL.
-    assert_eq!(st["counts"]["eval_items"], 8);
+    // The eval stage compared base and tuned on 3 prompts (init_small
+    // limits both prompt sets), and the report holds both models' images
+    // and no external URL.
+    assert_eq!(st["counts"]["eval_items"], 6);
     let html = std::fs::read_to_string(dir.join("report.html"))?;
-    assert_eq!(html.matches("data:image/png;base64,").count(), 8);
+    assert_eq!(html.matches("data:image/png;base64,").count(), 6);
     assert!(!html.contains("http://") && !html.contains("https://"));
     assert!(html.contains("tuned") && html.contains("<svg"));
     // A second run redoes nothing.
@@ -352,5 +353,68 @@ fn ctrl_c_stops_cleanly_and_a_full_disk_is_reported_then_both_resume() -> Result
     }
     ok(&agfsync(&["run", s(&dir)])?)?;
     assert_eq!(fingerprint(&dir, true)?, fingerprint(&reference, true)?);
+    Ok(())
+}
+
+#[test]
+fn eval_on_a_tifa_file_scores_every_caption_and_reports_element_types() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("tifa");
+    init_small(&dir)?;
+    std::fs::write(
+        dir.join("tifa.json"),
+        r#"[
+  {"id": "c1", "caption": "two red apples on a table", "question": "are there apples?",
+   "choices": ["yes", "no"], "answer": "yes", "element_type": "object", "element": "apples"},
+  {"id": "c1", "caption": "two red apples on a table", "question": "how many apples are there?",
+   "choices": ["1", "2", "3"], "answer": "2", "element_type": "counting", "element": "two"},
+  {"id": "c2", "caption": "a dog on a sofa", "question": "what animal is this?",
+   "choices": ["dog", "cat"], "answer": "dog", "element_type": "animal", "element": "dog"}
+]"#,
+    )?;
+    let cfg = dir.join("agfsync.toml");
+    let text = std::fs::read_to_string(&cfg)?
+        .replace("benchmark = \"builtin\"", "benchmark = \"tifa:tifa.json\"")
+        .replace(
+            "metrics = [\"clip\", \"aesthetic\", \"vqa\", \"hps\"]\nresamples",
+            "metrics = [\"vqa\"]\nresamples",
+        );
+    std::fs::write(&cfg, text)?;
+    // No training yet: only the base model, with a note saying why.
+    let out = agfsync(&["eval", s(&dir), "--json"])?;
+    ok(&out)?;
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(rep["eval"]["done"], 4, "2 images and their 2 scores: {rep}");
+    assert!(rep["eval"]["notes"].to_string().contains("tuned"), "{rep}");
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.join("eval/tifa/results.json"),
+    )?)?;
+    let vqa = &results["metrics"][0];
+    assert_eq!(vqa["metric"], "vqa");
+    let mean = vqa["means"]["base"].as_f64().context("mean")?;
+    assert!((0.0..=100.0).contains(&mean), "{results}");
+    ok(&agfsync(&["report", s(&dir)])?)?;
+    let html = std::fs::read_to_string(dir.join("report.html"))?;
+    assert!(html.contains("TIFA by element type"));
+    for et in ["object", "counting", "animal"] {
+        assert!(
+            html.contains(et),
+            "element type {et} missing from the report"
+        );
+    }
+    // A broken benchmark file is named with its entry and field.
+    std::fs::write(dir.join("tifa.json"), r#"[{"id": "c1", "caption": "x"}]"#)?;
+    let bad = tempfile::tempdir()?;
+    let dir2 = bad.path().join("r");
+    init_small(&dir2)?;
+    std::fs::copy(dir.join("tifa.json"), dir2.join("tifa.json"))?;
+    std::fs::copy(&cfg, dir2.join("agfsync.toml"))?;
+    let out = agfsync(&["eval", s(&dir2)])?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tifa.json") && err.contains("entry 0"),
+        "{err}"
+    );
     Ok(())
 }

@@ -89,6 +89,10 @@ pub struct EvalSection {
     pub metrics: Vec<String>,
     /// Bootstrap resamples for the confidence intervals.
     pub resamples: usize,
+    /// Models compared, the first being the baseline: `base` (the
+    /// diffusion model), `tuned` (base + this run's DPO LoRA, once trained)
+    /// or `NAME=PATH` (base + another LoRA file, relative to the run).
+    pub models: Vec<String>,
     /// Run the eval stage in `agfsync run`.
     pub enabled: bool,
 }
@@ -101,6 +105,7 @@ impl Default for EvalSection {
             seed: 1000,
             metrics: vec!["clip".into(), "aesthetic".into()],
             resamples: 2000,
+            models: vec!["base".into(), "tuned".into()],
             enabled: true,
         }
     }
@@ -579,6 +584,8 @@ fn template_text(preset: Preset) -> String {
          seed = 1000\n\
          metrics = [\"clip\", \"aesthetic\"]\n\
          resamples = 2000\n\
+         # base, tuned (this run's LoRA) or NAME=PATH (another LoRA file).\n\
+         models = [\"base\", \"tuned\"]\n\
          enabled = true\n"
     )
 }

@@ -121,27 +121,58 @@ pub fn benchmark(run: &Run) -> Result<(String, Vec<EvalPrompt>)> {
     Ok((name, items))
 }
 
-/// The models evaluated: `base`, and `tuned` when the run has a LoRA.
-fn models(run: &Run) -> Result<Vec<(String, Option<PathBuf>)>> {
-    let mut out = vec![("base".to_string(), None)];
-    if let Some(t) = run
-        .store
-        .trainings()?
-        .into_iter()
-        .find(|t| t.name == "dpo" && t.status == "done")
-    {
-        if let Some(rel) = t.result {
-            let p = resolve_inside(&run.store_dir, &rel)?;
-            if p.is_file() {
-                out.push(("tuned".to_string(), Some(p)));
-            } else {
-                return Err(PipelineError::Invalid(format!(
-                    "{}: the training result is not a LoRA file (full-UNet results are not \
-                     evaluated yet); evaluate it with `agfsync sample` and `score-images`",
-                    p.display()
-                )));
+/// The models evaluated (`[eval] models`): name and LoRA file (`None` for
+/// the base model). `tuned` is left out, with a note, until the run has a
+/// trained LoRA.
+fn models(run: &Run, notes: &mut Vec<String>) -> Result<Vec<(String, Option<PathBuf>)>> {
+    let mut out = Vec::new();
+    for spec in &run.config.eval.models {
+        match spec.as_str() {
+            "base" => out.push(("base".to_string(), None)),
+            "tuned" => {
+                let trained = run
+                    .store
+                    .trainings()?
+                    .into_iter()
+                    .find(|t| t.name == "dpo" && t.status == "done")
+                    .and_then(|t| t.result);
+                match trained {
+                    Some(rel) => {
+                        let p = resolve_inside(&run.store_dir, &rel)?;
+                        if !p.is_file() {
+                            return Err(PipelineError::Invalid(format!(
+                                "{}: the training result is not a LoRA file (full-UNet results \
+                                 are not evaluated yet); evaluate it with `agfsync sample` and \
+                                 `score-images`",
+                                p.display()
+                            )));
+                        }
+                        out.push(("tuned".to_string(), Some(p)));
+                    }
+                    None => notes.push("no trained LoRA yet: `tuned` is not evaluated".into()),
+                }
+            }
+            other => {
+                let Some((name, path)) = other.split_once('=') else {
+                    return Err(PipelineError::Invalid(format!(
+                        "eval.models: `{other}` is not base, tuned or NAME=PATH"
+                    )));
+                };
+                let p = run.root.join(path.trim());
+                if !p.is_file() {
+                    return Err(PipelineError::Invalid(format!(
+                        "eval.models: {} (model `{name}`) does not exist",
+                        p.display()
+                    )));
+                }
+                out.push((name.trim().to_string(), Some(p)));
             }
         }
+    }
+    if out.is_empty() {
+        return Err(PipelineError::Invalid(
+            "eval.models names no model to evaluate".into(),
+        ));
     }
     Ok(out)
 }
@@ -159,12 +190,7 @@ pub(crate) fn eval_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageR
         return Ok(report);
     }
     let (bench, items) = benchmark(run)?;
-    let models = models(run)?;
-    if models.len() < 2 {
-        report
-            .notes
-            .push("no trained LoRA yet: only the base model is evaluated".into());
-    }
+    let models = models(run, &mut report.notes)?;
     for (name, lora) in &models {
         report.done += generate_model(run, ctx, &bench, &items, name, lora.as_deref())?;
     }
@@ -398,7 +424,15 @@ pub fn summarise(run: &Run, bench: &str, items: &[EvalPrompt]) -> Result<EvalRes
             models.push(s.model.clone());
         }
     }
-    models.sort_by_key(|m| (m != "base", m.clone()));
+    // The config's order: the first model is the baseline.
+    let order = &run.config.eval.models;
+    let rank = |m: &String| {
+        order
+            .iter()
+            .position(|o| o == m || o.split_once('=').is_some_and(|(n, _)| n.trim() == m))
+            .unwrap_or(usize::MAX)
+    };
+    models.sort_by_key(|m| (rank(m), m.clone()));
     let mut metrics: Vec<String> = scores.iter().map(|s| s.metric.clone()).collect();
     metrics.sort();
     metrics.dedup();
@@ -517,6 +551,36 @@ pub fn build_report(run: &Run, max_rows: usize) -> Result<Report> {
                     .entry(model.clone())
                     .or_default()
                     .insert(style.to_string(), *v);
+            }
+        }
+    }
+    if bench == "tifa" {
+        // TIFA per element type, from the VQA scorer's per-question results.
+        let scores = run.store.eval_scores(&bench)?;
+        for model in &results.models {
+            let mut by_type: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+            for s in scores
+                .iter()
+                .filter(|s| &s.model == model && s.metric == "vqa")
+            {
+                let Some(item) = items.get(s.item as usize) else {
+                    continue;
+                };
+                for (qi, q) in item.questions.iter().enumerate() {
+                    if let Some(c) = s.details.get(&format!("q{qi}.correct")) {
+                        let e = by_type
+                            .entry(q.element_type.clone().unwrap_or_else(|| "other".into()))
+                            .or_default();
+                        e.0 += c;
+                        e.1 += 1.0;
+                    }
+                }
+            }
+            if !by_type.is_empty() {
+                report.tifa_by_type.insert(
+                    model.clone(),
+                    by_type.into_iter().map(|(k, (c, n))| (k, c / n)).collect(),
+                );
             }
         }
     }

@@ -98,12 +98,14 @@ pub fn status(run: &Run) -> Result<RunStatus> {
             "eval",
             c.eval_items,
             crate::eval::benchmark(run).map_or(0, |(_, items)| items.len())
-                * if train.is_some_and(|t| t.status == "done") {
-                    2
-                } else {
-                    1
-                },
-            "images (base and tuned)".into(),
+                * run
+                    .config
+                    .eval
+                    .models
+                    .iter()
+                    .filter(|m| *m != "tuned" || train.is_some_and(|t| t.status == "done"))
+                    .count(),
+            format!("images of {}", run.config.eval.models.join(", ")),
         ),
     ];
     Ok(RunStatus {
