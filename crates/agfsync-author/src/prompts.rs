@@ -123,7 +123,7 @@ impl PromptAuthoring {
         if !(0.0..=1.0).contains(&self.dedup_threshold) || !(0.0..=1.0).contains(&self.top_p) {
             return bad("dedup_threshold and top_p must lie in [0, 1]");
         }
-        if !(self.temperature >= 0.0) {
+        if self.temperature.is_nan() || self.temperature < 0.0 {
             return bad("temperature must be >= 0");
         }
         Ok(())

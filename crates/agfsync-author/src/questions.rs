@@ -386,6 +386,8 @@ pub fn author_questions<L: Llm + ?Sized, E: Embedder + ?Sized>(
 fn question_items(value: &Value) -> Vec<Option<&serde_json::Map<String, Value>>> {
     let list = match value {
         Value::Array(items) => Some(items),
+        // One question on its own, not wrapped in a list.
+        Value::Object(map) if map.contains_key("question") => return vec![Some(map)],
         Value::Object(map) => map.get("questions").and_then(Value::as_array).or_else(|| {
             let arrays: Vec<_> = map.values().filter_map(Value::as_array).collect();
             (arrays.len() == 1).then(|| arrays[0])
