@@ -5,8 +5,13 @@
 //!   configured or from a file that (on unix) only its owner may read. It is
 //!   held in a type whose `Debug` prints `<redacted>`, sent only in the
 //!   `Authorization` header, and scrubbed from anything a server sends back
-//!   before that text reaches an error or a log. Configs hold only the
-//!   variable's name or the file's path, so they can be stored with a run.
+//!   before that text reaches an error or a log (ureq's own debug log
+//!   masks the `Authorization` header). Configs hold only the variable's
+//!   name or the file's path, so they can be stored with a run. Redirects
+//!   are not followed: an API endpoint does not move, and following one
+//!   would turn the POST into a GET.
+//! * A key must be printable ASCII without blanks (what a header can
+//!   carry); anything else is refused when it is read, without quoting it.
 //! * Connect and read timeouts; 429, 5xx and connection failures (timeouts
 //!   included) are retried with exponential backoff and jitter, and a
 //!   `Retry-After` in seconds is honoured (up to a cap). Other statuses
@@ -128,6 +133,7 @@ impl HttpLlm {
             .timeout_connect(Duration::from_secs_f64(config.connect_timeout_s))
             .timeout_read(Duration::from_secs_f64(config.read_timeout_s))
             .timeout_write(Duration::from_secs_f64(config.read_timeout_s))
+            .redirects(0)
             .build();
         let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
         Ok(Self {
@@ -242,6 +248,18 @@ impl Llm for HttpLlm {
             }
             let last = attempt >= attempts_allowed;
             let (retry_after, failure) = match call.send_string(&body) {
+                // Redirects are not followed, and ureq hands them back as
+                // successes: an answer that is not 2xx is an error here.
+                Ok(response) if !(200..300).contains(&response.status()) => {
+                    let status = response.status();
+                    let text = response.into_string().unwrap_or_default();
+                    return Err(AuthorError::Status {
+                        url: self.url.clone(),
+                        status,
+                        attempts: attempt,
+                        body: excerpt(&self.scrub(&text), BODY_EXCERPT),
+                    });
+                }
                 Ok(response) => match response.into_string() {
                     Ok(text) => return self.parse_response(&text),
                     Err(e) => (
@@ -346,7 +364,9 @@ fn read_key(config: &HttpConfig) -> Result<Option<ApiKey>> {
         )),
         (None, None) => Ok(None),
         (Some(name), None) => match std::env::var(name) {
-            Ok(k) if !k.trim().is_empty() => Ok(Some(ApiKey(k.trim().to_string()))),
+            Ok(k) if !k.trim().is_empty() => {
+                header_safe(k.trim(), &format!("environment variable {name}"))
+            }
             Ok(_) => Err(AuthorError::ApiKey(format!(
                 "environment variable {name} is empty"
             ))),
@@ -376,8 +396,20 @@ fn read_key(config: &HttpConfig) -> Result<Option<ApiKey>> {
             if k.is_empty() {
                 return Err(AuthorError::ApiKey(format!("{} is empty", path.display())));
             }
-            Ok(Some(ApiKey(k.to_string())))
+            header_safe(k, &path.display().to_string())
         }
+    }
+}
+
+/// The key, when it can travel in a header (printable ASCII, no blanks);
+/// the error names where it came from, never what it is.
+fn header_safe(key: &str, from: &str) -> Result<Option<ApiKey>> {
+    if key.bytes().all(|b| b.is_ascii_graphic()) {
+        Ok(Some(ApiKey(key.to_string())))
+    } else {
+        Err(AuthorError::ApiKey(format!(
+            "the key in {from} contains blanks, control or non-ASCII characters"
+        )))
     }
 }
 

@@ -237,6 +237,22 @@ fn server_errors_until_give_up() {
 }
 
 #[test]
+fn redirects_are_not_followed() {
+    let server = serve(vec![
+        Reply::Http(
+            307,
+            vec![("Location", "http://127.0.0.1:9/v1".into())],
+            String::new(),
+        ),
+        ok("x"),
+    ]);
+    let llm = HttpLlm::new(config(&server)).unwrap();
+    let e = llm.chat(&request()).unwrap_err().to_string();
+    assert!(e.contains("HTTP 307"), "{e}");
+    assert_eq!(server.seen.lock().unwrap().len(), 1);
+}
+
+#[test]
 fn client_errors_are_not_retried() {
     let server = serve(vec![
         Reply::Http(400, vec![], "bad request".into()),
@@ -446,6 +462,9 @@ fn key_sources_are_checked() {
     }
     let llm = with_file().unwrap();
     assert!(!format!("{llm:?}").contains("SECRET"));
+    std::fs::write(&path, "sk-file SECRET\n").unwrap();
+    let e = with_file().unwrap_err().to_string();
+    assert!(e.contains("blanks") && !e.contains("SECRET"), "{e}");
     let both = HttpLlm::new(HttpConfig {
         model: "m".into(),
         api_key_env: Some("X".into()),
