@@ -109,17 +109,21 @@ enum ArrPhase {
     AfterItem,
 }
 
-/// One level of the automaton's stack.
-#[derive(Clone, Debug, PartialEq)]
+/// One level of the automaton's stack. `Copy`, so that trying a token
+/// from a state is a memory copy of a short stack.
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Frame {
     /// A value of the node is about to start.
     Value(u32),
-    /// Inside a string.
+    /// Inside a string. For an enum, the text so far is the first
+    /// `raw_len` bytes of enum value `enum_idx` (and of every value that
+    /// shares them).
     Str {
         node: u32,
         chars: u32,
         escape: bool,
-        raw: String,
+        enum_idx: u32,
+        raw_len: u32,
     },
     /// Inside an array.
     Arr {
@@ -156,6 +160,48 @@ impl ConstraintState {
 pub struct JsonConstraint {
     nodes: Vec<Node>,
     vocab: Arc<Vocabulary>,
+    trie: Vec<TrieNode>,
+}
+
+/// A node of the character trie of the vocabulary's pieces: tokens that
+/// share a prefix are tried together, and a prefix that leaves the
+/// language rules out every token below it at once.
+#[derive(Clone, Debug, Default)]
+struct TrieNode {
+    /// (character, child index), sorted by character.
+    children: Vec<(char, u32)>,
+    /// Tokens whose piece ends here.
+    tokens: Vec<u32>,
+}
+
+/// The trie of every non-empty piece except the end-of-sequence token's.
+fn build_trie(vocab: &Vocabulary) -> Vec<TrieNode> {
+    let mut maps: Vec<std::collections::HashMap<char, u32>> = vec![Default::default()];
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new()];
+    for (id, piece) in vocab.pieces.iter().enumerate() {
+        if piece.is_empty() || Some(id as u32) == vocab.eos {
+            continue;
+        }
+        let mut at = 0usize;
+        for c in piece.chars() {
+            let next = maps.len() as u32;
+            let child = *maps[at].entry(c).or_insert(next);
+            if child == next {
+                maps.push(Default::default());
+                tokens.push(Vec::new());
+            }
+            at = child as usize;
+        }
+        tokens[at].push(id as u32);
+    }
+    maps.into_iter()
+        .zip(tokens)
+        .map(|(m, tokens)| {
+            let mut children: Vec<(char, u32)> = m.into_iter().collect();
+            children.sort_unstable();
+            TrieNode { children, tokens }
+        })
+        .collect()
 }
 
 impl JsonConstraint {
@@ -163,7 +209,8 @@ impl JsonConstraint {
     pub fn new(schema: &Value, vocab: Arc<Vocabulary>) -> Result<Self> {
         let mut nodes = Vec::new();
         compile(schema, &mut nodes, 0, "#")?;
-        Ok(Self { nodes, vocab })
+        let trie = build_trie(&vocab);
+        Ok(Self { nodes, vocab, trie })
     }
 
     /// The vocabulary.
@@ -190,6 +237,41 @@ impl JsonConstraint {
     /// keeps the output a valid prefix, and the end-of-sequence token once
     /// the document is complete (then nothing else).
     pub fn allowed_tokens(&self, state: &ConstraintState) -> Vec<bool> {
+        let mut allowed = vec![false; self.vocab.pieces.len()];
+        let complete = self.is_complete(state);
+        if let Some(eos) = self.vocab.eos {
+            if let Some(a) = allowed.get_mut(eos as usize) {
+                *a = complete && !state.ended;
+            }
+        }
+        if complete || state.ended {
+            return allowed;
+        }
+        // Depth-first over the trie: each edge is one character step from
+        // its parent's state; a refused character prunes its subtree.
+        let mut work: Vec<(u32, Vec<Frame>)> = vec![(0, state.stack.clone())];
+        while let Some((at, stack)) = work.pop() {
+            for &(c, child) in &self.trie[at as usize].children {
+                let mut next = stack.clone();
+                if !self.step(&mut next, c) {
+                    continue;
+                }
+                let node = &self.trie[child as usize];
+                for &t in &node.tokens {
+                    allowed[t as usize] = true;
+                }
+                if !node.children.is_empty() {
+                    work.push((child, next));
+                }
+            }
+        }
+        allowed
+    }
+
+    /// [`Self::allowed_tokens`] by trying every token on its own: the
+    /// reference the trie walk is tested against.
+    #[cfg(test)]
+    fn allowed_tokens_naive(&self, state: &ConstraintState) -> Vec<bool> {
         let complete = self.is_complete(state);
         let mut scratch = Vec::with_capacity(state.stack.len() + 4);
         (0..self.vocab.pieces.len())
@@ -267,7 +349,8 @@ impl JsonConstraint {
                                 node,
                                 chars: 0,
                                 escape: false,
-                                raw: String::new(),
+                                enum_idx: 0,
+                                raw_len: 0,
                             };
                             return true;
                         }
@@ -296,7 +379,8 @@ impl JsonConstraint {
                     node,
                     chars,
                     escape,
-                    raw,
+                    enum_idx,
+                    raw_len,
                 } => {
                     let Node::Str {
                         enum_values,
@@ -309,12 +393,19 @@ impl JsonConstraint {
                     if let Some(values) = enum_values {
                         // Contents are canonical JSON escapes, so an
                         // unescaped '"' can only be the closing quote.
-                        raw.push(c);
-                        if values.iter().any(|v| v.starts_with(raw.as_str())) {
+                        let so_far = &values[*enum_idx as usize].as_bytes()[..*raw_len as usize];
+                        let mut buf = [0u8; 4];
+                        let next = c.encode_utf8(&mut buf).as_bytes();
+                        let extends = values.iter().position(|v| {
+                            let v = v.as_bytes();
+                            v.starts_with(so_far) && v[so_far.len()..].starts_with(next)
+                        });
+                        if let Some(j) = extends {
+                            *enum_idx = j as u32;
+                            *raw_len += next.len() as u32;
                             return true;
                         }
-                        raw.pop();
-                        if c == '"' && values.iter().any(|v| v.as_str() == raw.as_str()) {
+                        if c == '"' && values.iter().any(|v| v.as_bytes() == so_far) {
                             stack.pop();
                             self.finish(stack);
                             return true;
@@ -674,6 +765,43 @@ mod tests {
         assert!(c.allowed_tokens(&s).iter().all(|a| !a));
         let v: Value = serde_json::from_str(s.text()).unwrap();
         assert_eq!(v, json!({"b": ["a"], "a": "no"}));
+    }
+
+    #[test]
+    fn trie_walk_equals_trying_every_token() {
+        let mut pieces: Vec<String> = "{}[]\",:\\abcdeynos \n"
+            .chars()
+            .map(|c| c.to_string())
+            .collect();
+        for p in [
+            "{\"", "\":[\"", "\",\"", "\"],\"", "\":\"", "\"}", "ye", "yes", "yes\"}", "no\"",
+            "abc", "ab", "a\"", "\\\"", "é", "", "x",
+        ] {
+            pieces.push(p.to_string());
+        }
+        let eos = pieces.len() as u32;
+        pieces.push("</s>".into());
+        let vocab = Arc::new(Vocabulary::new(pieces, Some(eos)));
+        let c = JsonConstraint::new(&schema(), vocab.clone()).unwrap();
+        // A deterministic walk: always the allowed token with the largest
+        // (id * 7919 + step) % 101, checking both methods at every step.
+        for seed in 0..20u32 {
+            let mut s = c.start();
+            for step in 0..200u32 {
+                let fast = c.allowed_tokens(&s);
+                assert_eq!(fast, c.allowed_tokens_naive(&s), "after {:?}", s.text());
+                let Some(t) = (0..vocab.len() as u32)
+                    .filter(|&t| fast[t as usize])
+                    .max_by_key(|&t| (t * 7919 + step * 31 + seed * 17) % 101)
+                else {
+                    break;
+                };
+                c.advance(&mut s, t).unwrap();
+                if s.ended() {
+                    break;
+                }
+            }
+        }
     }
 
     #[test]
