@@ -15,6 +15,15 @@
 //! single-character tokens for the structural characters (`{ } [ ] " , :`)
 //! and for the characters of enum values, which every real tokenizer has.
 //!
+//! [`JsonConstraint::allowed_tokens`] walks a character trie of the
+//! vocabulary built once per constraint, so tokens sharing a prefix are
+//! tried together and a refused prefix rules out every token below it; in
+//! structural positions only a handful of subtrees survive the first
+//! character, inside free strings most of the vocabulary is visited once.
+//! Special tokens should be given as empty pieces (never allowed); the
+//! end-of-sequence token is allowed exactly when the document is complete,
+//! whatever its piece.
+//!
 //! Supported schema subset:
 //! * `{"type": "string"}` with optional `enum` (strings), `minLength`,
 //!   `maxLength` (in characters; an escape counts as one);

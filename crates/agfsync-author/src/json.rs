@@ -18,7 +18,10 @@
 //!    `True/False/None` to JSON, escapes raw control characters inside
 //!    strings, inserts a missing comma between array elements, and ignores
 //!    prose after the value;
-//! 4. text cut off before the value closes keeps every complete element:
+//! 4. several objects one after the other, separated only by blanks or
+//!    commas (one JSON object per line, as models sometimes write a list),
+//!    become an array of them;
+//! 5. text cut off before the value closes keeps every complete element:
 //!    the last incomplete one is dropped and open brackets are closed. An
 //!    object inside an array is kept whole or not at all (a half object
 //!    would pass as an element with fields missing).
@@ -28,7 +31,7 @@ use serde_json::Value;
 use crate::error::{excerpt, AuthorError, Result};
 
 /// Most `{`/`[` positions tried as the start of the JSON value.
-pub const MAX_STARTS: usize = 16;
+pub const MAX_STARTS: usize = 64;
 
 /// Deepest nesting the scanner follows.
 const MAX_DEPTH: usize = 128;
@@ -68,11 +71,14 @@ pub fn extract_json_detailed(text: &str) -> Result<Extracted> {
     };
     let mut best: Option<(usize, Extracted)> = None;
     let mut regions = Vec::new();
+    // Every value recovered in the region, as (start, end, value).
+    let mut found: Vec<(usize, usize, Value, bool)> = Vec::new();
     if let Some(inside) = fenced(trimmed) {
         regions.push(inside);
     }
     regions.push(trimmed);
     for region in regions {
+        found.clear();
         let mut tried = 0;
         let mut skip_to = 0;
         for (at, c) in region.char_indices() {
@@ -91,6 +97,7 @@ pub fn extract_json_detailed(text: &str) -> Result<Extracted> {
             };
             // Starts inside a value already recovered cannot cover more.
             skip_to = at + scan.consumed;
+            found.push((at, skip_to, value.clone(), scan.truncated));
             let better = best.as_ref().is_none_or(|(span, _)| scan.consumed > *span);
             if better {
                 best = Some((
@@ -104,6 +111,9 @@ pub fn extract_json_detailed(text: &str) -> Result<Extracted> {
             }
         }
         if best.is_some() {
+            if let Some(list) = object_sequence(region, &found) {
+                return Ok(list);
+            }
             break;
         }
     }
@@ -114,6 +124,24 @@ pub fn extract_json_detailed(text: &str) -> Result<Extracted> {
             "no '{' or '[' in the text".into()
         },
         received: excerpt(text, EXCERPT_CHARS),
+    })
+}
+
+/// The recovered values as one array when there are several, all objects,
+/// with nothing but blanks and commas between them.
+fn object_sequence(region: &str, found: &[(usize, usize, Value, bool)]) -> Option<Extracted> {
+    if found.len() < 2 || !found.iter().all(|(_, _, v, _)| v.is_object()) {
+        return None;
+    }
+    let adjacent = found.windows(2).all(|w| {
+        region[w[0].1..w[1].0]
+            .chars()
+            .all(|c| c.is_whitespace() || c == ',')
+    });
+    adjacent.then(|| Extracted {
+        value: Value::Array(found.iter().map(|(_, _, v, _)| v.clone()).collect()),
+        repaired: true,
+        truncated: found.iter().any(|f| f.3),
     })
 }
 
@@ -522,6 +550,19 @@ mod tests {
         assert_eq!(
             ok("{\"a\": \"line one\nline two\"}"),
             json!({"a": "line one\nline two"})
+        );
+    }
+
+    #[test]
+    fn one_object_per_line_becomes_a_list() {
+        assert_eq!(
+            ok("{\"q\": \"a\"}\n{\"q\": \"b\"},\n{'q': 'c'}"),
+            json!([{"q": "a"}, {"q": "b"}, {"q": "c"}])
+        );
+        // Prose between objects: the largest one, not a list.
+        assert_eq!(
+            ok("{\"q\": \"a\"} and also {\"q\": \"bb\"}"),
+            json!({"q": "bb"})
         );
     }
 
