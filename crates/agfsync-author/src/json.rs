@@ -69,55 +69,25 @@ pub fn extract_json_detailed(text: &str) -> Result<Extracted> {
         }
         Err(e) => e.to_string(),
     };
-    let mut best: Option<(usize, Extracted)> = None;
     let mut regions = Vec::new();
-    // Every value recovered in the region, as (start, end, value).
-    let mut found: Vec<(usize, usize, Value, bool)> = Vec::new();
     if let Some(inside) = fenced(trimmed) {
         regions.push(inside);
     }
     regions.push(trimmed);
+    // The best value over the regions: a whole one beats one rebuilt from a
+    // truncated text (a fence marker inside a string cuts the fence short),
+    // then the one covering more text; ties go to the fence.
+    let mut winner: Option<(bool, usize, Extracted)> = None;
     for region in regions {
-        found.clear();
-        let mut tried = 0;
-        let mut skip_to = 0;
-        for (at, c) in region.char_indices() {
-            if at < skip_to || (c != '{' && c != '[') {
-                continue;
-            }
-            if tried == MAX_STARTS {
-                break;
-            }
-            tried += 1;
-            let Some(scan) = repair(&region[at..]) else {
-                continue;
-            };
-            let Ok(value) = serde_json::from_str::<Value>(&scan.text) else {
-                continue;
-            };
-            // Starts inside a value already recovered cannot cover more.
-            skip_to = at + scan.consumed;
-            found.push((at, skip_to, value.clone(), scan.truncated));
-            let better = best.as_ref().is_none_or(|(span, _)| scan.consumed > *span);
-            if better {
-                best = Some((
-                    scan.consumed,
-                    Extracted {
-                        value,
-                        repaired: true,
-                        truncated: scan.truncated,
-                    },
-                ));
-            }
-        }
-        if best.is_some() {
-            if let Some(list) = object_sequence(region, &found) {
-                return Ok(list);
-            }
-            break;
+        let Some((consumed, extracted)) = best_in(region) else {
+            continue;
+        };
+        let key = (!extracted.truncated, consumed);
+        if winner.as_ref().is_none_or(|(w, c, _)| key > (*w, *c)) {
+            winner = Some((key.0, key.1, extracted));
         }
     }
-    best.map(|(_, e)| e).ok_or_else(|| AuthorError::Json {
+    winner.map(|(_, _, e)| e).ok_or_else(|| AuthorError::Json {
         reason: if trimmed.contains(['{', '[']) {
             format!("not repairable JSON ({first_error})")
         } else {
@@ -125,6 +95,50 @@ pub fn extract_json_detailed(text: &str) -> Result<Extracted> {
         },
         received: excerpt(text, EXCERPT_CHARS),
     })
+}
+
+/// The best value recovered from `region` and the bytes it covers: the
+/// largest one, or the list of several adjacent objects.
+fn best_in(region: &str) -> Option<(usize, Extracted)> {
+    let mut best: Option<(usize, Extracted)> = None;
+    // Every value recovered, as (start, end, value, truncated).
+    let mut found: Vec<(usize, usize, Value, bool)> = Vec::new();
+    let mut tried = 0;
+    let mut skip_to = 0;
+    for (at, c) in region.char_indices() {
+        if at < skip_to || (c != '{' && c != '[') {
+            continue;
+        }
+        if tried == MAX_STARTS {
+            break;
+        }
+        tried += 1;
+        let Some(scan) = repair(&region[at..]) else {
+            continue;
+        };
+        let Ok(value) = serde_json::from_str::<Value>(&scan.text) else {
+            continue;
+        };
+        // Starts inside a value already recovered cannot cover more.
+        skip_to = at + scan.consumed;
+        found.push((at, skip_to, value.clone(), scan.truncated));
+        let better = best.as_ref().is_none_or(|(span, _)| scan.consumed > *span);
+        if better {
+            best = Some((
+                scan.consumed,
+                Extracted {
+                    value,
+                    repaired: true,
+                    truncated: scan.truncated,
+                },
+            ));
+        }
+    }
+    if let Some(list) = object_sequence(region, &found) {
+        let span = found.last().map_or(0, |f| f.1) - found.first().map_or(0, |f| f.0);
+        return Some((span, list));
+    }
+    best
 }
 
 /// The recovered values as one array when there are several, all objects,
@@ -155,9 +169,11 @@ fn fenced(text: &str) -> Option<&str> {
         Some(nl) => &after[nl + 1..],
         None => after.trim_start_matches(|c: char| c.is_ascii_alphanumeric()),
     };
-    Some(match body.find("```") {
+    // The closing fence starts a line; JSON strings cannot hold a raw
+    // newline, so "\n```" is never inside one.
+    Some(match body.find("\n```") {
         Some(close) => &body[..close],
-        None => body,
+        None => body.strip_suffix("```").unwrap_or(body),
     })
 }
 
@@ -583,6 +599,62 @@ mod tests {
         assert!(e.contains("10009 characters"), "{e}");
         let e = extract_json("{\"a\": }").unwrap_err().to_string();
         assert!(e.contains("not repairable"), "{e}");
+    }
+
+    /// Random strings with the characters that trip repairs up.
+    fn random_text(rng: &mut impl rand::Rng) -> String {
+        const ALPHABET: &[char] = &[
+            'a', 'b', ' ', '"', '\'', ',', '{', '}', '[', ']', ':', '\\', '\n', 'é', '`',
+        ];
+        let n = rng.gen_range(0..12);
+        (0..n)
+            .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())])
+            .collect()
+    }
+
+    #[test]
+    fn wrapped_documents_round_trip_and_truncation_keeps_whole_elements() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for _ in 0..300 {
+            let items: Vec<String> = (0..rng.gen_range(1..6))
+                .map(|_| random_text(&mut rng))
+                .collect();
+            let doc = json!({"prompts": items});
+            let text = if rng.gen_bool(0.5) {
+                serde_json::to_string(&doc).unwrap()
+            } else {
+                serde_json::to_string_pretty(&doc).unwrap()
+            };
+            assert_eq!(ok(&text), doc);
+            assert_eq!(
+                ok(&format!("Sure! Here:\n```json\n{text}\n```\nDone.")),
+                doc
+            );
+            // A trailing comma before the array's closing bracket (the last
+            // ']': earlier ones may be inside strings).
+            let close = text.rfind(']').unwrap();
+            assert_eq!(ok(&format!("{},{}", &text[..close], &text[close..])), doc);
+            // Cut anywhere: an error, or whole elements in order.
+            let cuts: Vec<usize> = text.char_indices().map(|(i, _)| i).collect();
+            for &cut in cuts.iter().step_by(3) {
+                let Ok(v) = extract_json(&text[..cut]) else {
+                    continue;
+                };
+                let Some(kept) = v.get("prompts").and_then(Value::as_array) else {
+                    assert!(
+                        v == json!({}) || v.is_array(),
+                        "{v} from {:?}",
+                        &text[..cut]
+                    );
+                    continue;
+                };
+                assert!(kept.len() <= items.len());
+                for (k, want) in kept.iter().zip(&items) {
+                    assert_eq!(k.as_str().unwrap(), want, "cut {:?}", &text[..cut]);
+                }
+            }
+        }
     }
 
     #[test]
