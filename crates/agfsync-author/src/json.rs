@@ -8,10 +8,13 @@
 //! 1. a byte-order mark and surrounding whitespace are dropped, and text
 //!    that already parses is returned as it is (valid JSON is never
 //!    rewritten);
-//! 2. otherwise the inside of the first code fence is tried, then the whole
-//!    text, from each `{` or `[` (at most [`MAX_STARTS`] of them) through a
-//!    small repairing scanner; the recovered value that covers the most text
-//!    wins, so `here are [20] prompts: {...}` yields the object, not `[20]`;
+//! 2. otherwise the inside of the first code fence (closed by a fence at a
+//!    line start) and the whole text are scanned from each `{` or `[` (at
+//!    most [`MAX_STARTS`] of them) by a small repairing scanner; within a
+//!    region the recovered value that covers the most text wins, so
+//!    `here are [20] prompts: {...}` yields the object, not `[20]`; between
+//!    regions a whole value beats one rebuilt from a cut-off text, then the
+//!    longer one, then the fence;
 //! 3. the scanner removes trailing commas, turns single-quoted strings into
 //!    double-quoted ones where a quote can only open or close a string
 //!    (after `{ [ , :` and before `, } ] :`), quotes bare object keys, maps

@@ -300,6 +300,30 @@ mod tests {
     }
 
     #[test]
+    fn chat_many_reports_failures_in_place() {
+        let llm = FakeLlm::from_fn(|r| {
+            let text = &r.messages[0].content;
+            if text.contains("bad") {
+                Err(format!("refused {text}"))
+            } else {
+                Ok(text.clone())
+            }
+        })
+        .with_concurrency(3);
+        let requests: Vec<_> = ["a", "bad1", "b", "bad2", "c"]
+            .iter()
+            .map(|t| ChatRequest::new(vec![Message::user(*t)]))
+            .collect();
+        let out = chat_many(&llm, &requests);
+        assert_eq!(out[0].as_ref().unwrap().text, "a");
+        assert!(out[1].as_ref().unwrap_err().to_string().contains("bad1"));
+        assert_eq!(out[2].as_ref().unwrap().text, "b");
+        assert!(out[3].as_ref().unwrap_err().to_string().contains("bad2"));
+        assert_eq!(out[4].as_ref().unwrap().text, "c");
+        assert!(chat_many(&llm, &[]).is_empty());
+    }
+
+    #[test]
     fn chat_many_keeps_request_order_under_concurrency() {
         let llm = FakeLlm::from_fn(|r| {
             let text = r.messages[0].content.clone();
