@@ -103,15 +103,25 @@ impl std::fmt::Debug for ApiKey {
 #[derive(Clone)]
 pub struct HttpLlm {
     config: HttpConfig,
+    /// Where requests go (may hold `user:password@`).
+    endpoint: String,
+    /// The endpoint as errors and logs show it, without credentials.
     url: String,
+    /// `user:password@` of the base URL, scrubbed like the key.
+    userinfo: Option<String>,
     key: Option<ApiKey>,
     agent: ureq::Agent,
 }
 
 impl std::fmt::Debug for HttpLlm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Credentials in the base URL stay out of Debug output too.
+        let config = HttpConfig {
+            base_url: without_userinfo(&self.config.base_url),
+            ..self.config.clone()
+        };
         f.debug_struct("HttpLlm")
-            .field("config", &self.config)
+            .field("config", &config)
             .field("url", &self.url)
             .field("key", &self.key)
             .finish()
@@ -135,10 +145,14 @@ impl HttpLlm {
             .timeout_write(Duration::from_secs_f64(config.read_timeout_s))
             .redirects(0)
             .build();
-        let url = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+        let endpoint = format!("{}/chat/completions", config.base_url.trim_end_matches('/'));
+        let url = without_userinfo(&endpoint);
+        let userinfo = userinfo(&endpoint);
         Ok(Self {
             config,
+            endpoint,
             url,
+            userinfo,
             key,
             agent,
         })
@@ -184,10 +198,14 @@ impl HttpLlm {
 
     /// `text` with the key replaced, for anything that came from outside.
     fn scrub(&self, text: &str) -> String {
-        match &self.key {
+        let mut text = match &self.key {
             Some(ApiKey(k)) if !k.is_empty() => text.replace(k.as_str(), "<redacted>"),
             _ => text.to_string(),
+        };
+        if let Some(u) = &self.userinfo {
+            text = text.replace(u.as_str(), "");
         }
+        text
     }
 
     /// The delay before retry number `retry` (1-based): exponential with
@@ -241,7 +259,7 @@ impl Llm for HttpLlm {
             attempt += 1;
             let mut call = self
                 .agent
-                .post(&self.url)
+                .post(&self.endpoint)
                 .set("Content-Type", "application/json");
             if let Some(ApiKey(k)) = &self.key {
                 call = call.set("Authorization", &format!("Bearer {k}"));
@@ -336,6 +354,13 @@ fn without_userinfo(url: &str) -> String {
     }
 }
 
+/// The `user:password@` part of a URL, if any.
+fn userinfo(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+    authority.rfind('@').map(|at| authority[..=at].to_string())
+}
+
 /// True for a transport error caused by a timeout.
 fn is_timeout(t: &ureq::Transport) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(t);
@@ -425,6 +450,19 @@ mod tests {
             "https://host:1/v1"
         );
         assert_eq!(without_userinfo("http://h/v1"), "http://h/v1");
+        assert_eq!(userinfo("https://u:p@host:1/v1").as_deref(), Some("u:p@"));
+        assert_eq!(userinfo("http://h/v1@x"), None);
+        let llm = HttpLlm::new(HttpConfig {
+            base_url: "http://user:hunter2@127.0.0.1:9/v1".into(),
+            model: "m".into(),
+            ..HttpConfig::default()
+        })
+        .unwrap();
+        assert!(!llm
+            .scrub("at http://user:hunter2@127.0.0.1:9/v1")
+            .contains("hunter2"));
+        assert!(!llm.identity().contains("hunter2"));
+        assert!(!format!("{llm:?}").contains("hunter2"));
     }
 
     #[test]
