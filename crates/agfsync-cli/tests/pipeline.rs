@@ -418,3 +418,126 @@ fn eval_on_a_tifa_file_scores_every_caption_and_reports_element_types() -> Resul
     );
     Ok(())
 }
+
+/// A minimal OpenAI-compatible chat-completions server: answers prompt
+/// requests with a fixed list (one near duplicate) and question requests
+/// with six questions and one malformed entry. Returns its base URL.
+fn fake_llm_server() -> Result<String> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream);
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = reader.read_exact(&mut body);
+            let body = String::from_utf8_lossy(&body);
+            let content = if body.contains("\"name\":\"questions\"") {
+                serde_json::json!({"questions": [
+                    {"question": "Is there a fox?", "element_type": "animal", "element": "fox", "answer": "yes"},
+                    {"question": "Is the fox red?", "element_type": "color", "element": "red", "answer": "yes"},
+                    {"question": "Is there snow on the ground?", "element_type": "object", "element": "snow", "answer": "yes"},
+                    {"question": "Does a lighthouse stand there?", "element_type": "object", "element": "lighthouse", "answer": "yes"},
+                    {"question": "Are rocks visible at the coast?", "element_type": "location", "element": "coast", "answer": "yes"},
+                    {"question": "Is it dusk?", "element_type": "other", "element": "dusk", "answer": "yes"},
+                    {"question": "Broken entry without an element", "answer": "yes"}
+                ]})
+            } else {
+                serde_json::json!({"prompts": [
+                    "a red fox sleeping in fresh snow",
+                    "a red fox sleeping in fresh snow!",
+                    "a lighthouse on a rocky coast at dusk"
+                ]})
+            };
+            let reply = serde_json::json!({
+                "id": "x", "object": "chat.completion", "model": "fake-llm",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": content.to_string()}}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1}
+            })
+            .to_string();
+            let mut stream = reader.into_inner();
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{reply}",
+                reply.len()
+            );
+        }
+    });
+    Ok(format!("http://{addr}/v1"))
+}
+
+#[test]
+fn prompts_and_questions_authored_by_an_llm_server_reach_the_run_and_the_key_stays_secret(
+) -> Result<()> {
+    let url = fake_llm_server()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("llm");
+    init_small(&dir)?;
+    let cfg = dir.join("agfsync.toml");
+    let key = "sk-agfsync-planted-secret-1234567890";
+    let text = std::fs::read_to_string(&cfg)?
+        .replace(
+            "[run]\n",
+            &format!(
+                "[llm]\nbase_url = \"{url}\"\nmodel = \"fake-llm\"\napi_key_env = \"AGFSYNC_TEST_KEY\"\n\
+                 structured_output = true\nmax_retries = 0\n\n[run]\n"
+            ),
+        )
+        .replace("source = \"builtin\"\nlimit = 3", "source = \"llm\"\nlimit = 0")
+        .replace(
+            "[questions]\n",
+            "[questions]\nllm = { grounding = \"off\", calls_per_prompt = 1 }\n",
+        )
+        .replace("[questions]\nllm", "[prompts.llm]\ncategories = [\"animals\", \"landscapes\"]\n\n[questions]\nllm")
+        .replace("source = \"builtin\"\n\n[generate]", "source = \"llm\"\n\n[generate]");
+    std::fs::write(&cfg, text)?;
+    let mut outputs = String::new();
+    for stage in ["prompts", "questions", "status"] {
+        let out = bin()
+            .args([stage, s(&dir), "--json"])
+            .env("AGFSYNC_TEST_KEY", key)
+            .output()?;
+        outputs.push_str(&String::from_utf8_lossy(&out.stdout));
+        outputs.push_str(&String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "{stage}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let store = Store::open(&dir)?;
+    let prompts = store.prompts()?;
+    // Two categories, each answered with three prompts of which one is a
+    // near duplicate.
+    assert_eq!(prompts.len(), 4, "{prompts:?}");
+    assert!(
+        prompts.iter().all(|p| p.source.starts_with("llm:")),
+        "{prompts:?}"
+    );
+    for p in &prompts {
+        let qs = store.questions(&p.pid)?;
+        assert_eq!(qs.len(), 6, "the malformed entry is dropped: {qs:?}");
+        assert!(qs.iter().all(|q| q.answer.as_deref() == Some("yes")));
+    }
+    // The key is in no output, config, store or log.
+    assert!(!outputs.contains(key));
+    for f in ["agfsync.toml", "agfsync.db", "logs/agfsync.log"] {
+        let bytes = std::fs::read(dir.join(f)).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(key),
+            "{f} holds the key"
+        );
+    }
+    Ok(())
+}

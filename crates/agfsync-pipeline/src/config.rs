@@ -50,6 +50,12 @@ pub struct RunConfig {
     pub run: RunSection,
     /// The models.
     pub models: ModelsSection,
+    /// The LLM that authors prompts and questions (`source = "llm"`): an
+    /// OpenAI-compatible server (OpenAI, vLLM, llama.cpp, ollama, TGI). The
+    /// API key is named by `api_key_env` (or a private `api_key_file`), never
+    /// written here.
+    #[serde(default)]
+    pub llm: Option<agfsync_author::http::HttpConfig>,
     /// Where prompts come from.
     #[serde(default)]
     pub prompts: PromptsSection,
@@ -164,6 +170,12 @@ pub struct PromptsSection {
     pub source: String,
     /// Use only the first N prompts (0: all).
     pub limit: usize,
+    /// `source = "llm"`: the prompt template file (rules, few-shot examples,
+    /// `{category}` and `{count}`); empty: the built-in AGFSync template.
+    pub template: String,
+    /// `source = "llm"`: categories, descriptions per call, calls per
+    /// category, sampling, seed and the near-duplicate threshold.
+    pub llm: agfsync_author::PromptAuthoring,
 }
 
 impl Default for PromptsSection {
@@ -171,6 +183,8 @@ impl Default for PromptsSection {
         Self {
             source: "builtin".into(),
             limit: 0,
+            template: String::new(),
+            llm: agfsync_author::PromptAuthoring::default(),
         }
     }
 }
@@ -183,12 +197,19 @@ pub struct QuestionsSection {
     /// or a TIFA-format JSON file (a list of objects with `caption`,
     /// `question`, `choices`, `answer`, `element_type`, `element`).
     pub source: String,
+    /// `source = "llm"`: the question template file; empty: the built-in one.
+    pub template: String,
+    /// `source = "llm"`: calls per prompt, questions per call, sampling,
+    /// seed, duplicate threshold, minimum questions, grounding rule.
+    pub llm: agfsync_author::QuestionAuthoring,
 }
 
 impl Default for QuestionsSection {
     fn default() -> Self {
         Self {
             source: "builtin".into(),
+            template: String::new(),
+            llm: agfsync_author::QuestionAuthoring::default(),
         }
     }
 }
@@ -421,6 +442,13 @@ impl RunConfig {
         if self.pairs.weights.values().all(|w| *w == 0.0) {
             return bad("pairs.weights: every weight is zero, so no candidate can win".into());
         }
+        if (self.prompts.source == "llm" || self.questions.source == "llm") && self.llm.is_none() {
+            return bad(
+                "prompts.source or questions.source is \"llm\" but there is no [llm] section \
+                 (base_url, model, api_key_env)"
+                    .into(),
+            );
+        }
         if self.pairs.min_gap < 0.0 {
             return bad("pairs.min_gap must not be negative".into());
         }
@@ -531,6 +559,13 @@ fn template_text(preset: Preset) -> String {
          # each time they run, but prompts, candidates and scores already in the\n\
          # store are not redone: start a new run to change generation settings.\n\
          \n\
+         # To author prompts and questions with an LLM, add:\n\
+         # [llm]\n\
+         # base_url = \"http://localhost:8000/v1\"   # any OpenAI-compatible server\n\
+         # model = \"Qwen/Qwen2.5-7B-Instruct\"\n\
+         # api_key_env = \"OPENAI_API_KEY\"         # the variable's name, not the key\n\
+         # structured_output = true\n\
+         \n\
          [run]\n\
          # Master seed: each candidate's seeds derive from it and the prompt.\n\
          seed = 0\n\
@@ -543,12 +578,14 @@ fn template_text(preset: Preset) -> String {
          {models}\
          \n\
          [prompts]\n\
-         # builtin (one prompt per AGFSync category), or a .txt (one a line),\n\
+         # builtin (one prompt per AGFSync category), llm (authored by the [llm]\n\
+         # server; settings in [prompts.llm]), or a .txt (one a line),\n\
          # .jsonl ({{\"prompt\": .., \"category\": ..}}) or .csv (prompt[,category]) file.\n\
          {prompts}\
          \n\
          [questions]\n\
-         # builtin (questions of the built-in prompts), none, or a TIFA JSON file.\n\
+         # builtin (questions of the built-in prompts), llm ([questions.llm]), none,\n\
+         # or a TIFA JSON file.\n\
          source = \"builtin\"\n\
          \n\
          [generate]\n\

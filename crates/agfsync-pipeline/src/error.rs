@@ -39,6 +39,9 @@ pub enum PipelineError {
     /// A scorer failed.
     #[error(transparent)]
     Feedback(#[from] agfsync_feedback::FeedbackError),
+    /// LLM authoring failed (server, template, configuration).
+    #[error(transparent)]
+    Author(#[from] agfsync_author::AuthorError),
     /// A benchmark file is malformed.
     #[error(transparent)]
     Eval(#[from] agfsync_eval::EvalError),

@@ -114,9 +114,38 @@ pub fn run_stage(run: &mut Run, stage: Stage, ctx: &StageContext<'_>) -> Result<
     r
 }
 
-/// The prompt set of the config (all shards), in order.
+/// The LLM server of `[llm]`.
+fn http_llm(run: &Run) -> Result<agfsync_author::http::HttpLlm> {
+    let cfg = run.config.llm.clone().ok_or_else(|| {
+        PipelineError::Invalid("source = \"llm\" needs an [llm] section in agfsync.toml".into())
+    })?;
+    Ok(agfsync_author::http::HttpLlm::new(cfg)?)
+}
+
+/// A template file of the config, or the built-in one.
+fn template(run: &Run, file: &str, questions: bool) -> Result<agfsync_author::Template> {
+    use agfsync_author::template::{PROMPT_PLACEHOLDERS, QUESTION_PLACEHOLDERS};
+    Ok(match (file.is_empty(), questions) {
+        (true, false) => agfsync_author::Template::default_prompts()?,
+        (true, true) => agfsync_author::Template::default_questions()?,
+        (false, q) => agfsync_author::Template::from_file(
+            &run.root.join(file),
+            if q {
+                QUESTION_PLACEHOLDERS
+            } else {
+                PROMPT_PLACEHOLDERS
+            },
+        )?,
+    })
+}
+
+/// The prompt set of the config (all shards), in order. LLM-authored
+/// prompts are those already authored into the run's (unsharded) store.
 pub fn configured_prompts(run: &Run) -> Result<Vec<PromptRecord>> {
     let src = &run.config.prompts.source;
+    if src == "llm" {
+        return Ok(agfsync_store::Store::open(&run.root)?.prompts()?);
+    }
     let mut all = if src == "builtin" {
         builtin_prompts()
     } else {
@@ -129,6 +158,16 @@ pub fn configured_prompts(run: &Run) -> Result<Vec<PromptRecord>> {
 }
 
 fn prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
+    if run.config.prompts.source == "llm" && run.shard == crate::Shard::ALL {
+        return author_prompts_stage(run, ctx);
+    }
+    if run.config.prompts.source == "llm" && configured_prompts(run)?.is_empty() {
+        return Err(PipelineError::Invalid(
+            "prompts are authored once for the whole run: run `agfsync prompts DIR` without \
+             --shard first, then the shards"
+                .into(),
+        ));
+    }
     let mine: Vec<PromptRecord> = configured_prompts(run)?
         .into_iter()
         .filter(|p| run.shard.owns(p.ord))
@@ -144,7 +183,94 @@ fn prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
     })
 }
 
+/// Authors the prompt set with the LLM (once: a finished authoring is
+/// recorded in the store and not redone).
+fn author_prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
+    let mut report = StageReport::default();
+    if run.store.meta("prompts_authored")?.as_deref() == Some("done") {
+        report.skipped = run.store.counts()?.prompts;
+        return Ok(report);
+    }
+    let llm = http_llm(run)?;
+    // Near-duplicate removal with a bag-of-words embedding until the
+    // sentence-embedding model (bge) lands.
+    let embedder = agfsync_author::BagOfWords::default();
+    let tpl = template(run, &run.config.prompts.template, false)?;
+    let cfg = &run.config.prompts.llm;
+    ctx.progress
+        .begin("prompts (llm)", cfg.categories.len() as u64);
+    let out = agfsync_author::author_prompts(&llm, &embedder, &tpl, cfg)?;
+    ctx.progress.end();
+    let mut records = agfsync_author::prompt_records(&out.prompts, 0);
+    if run.config.prompts.limit > 0 {
+        records.truncate(run.config.prompts.limit);
+    }
+    report.done = run.store.insert_prompts(&records)?;
+    run.store.set_meta("prompts_authored", "done")?;
+    let st = &out.stats;
+    report.notes.push(format!(
+        "{} calls ({} failed), {} unparsable answers, {} duplicates dropped, {} kept",
+        st.calls, st.failed_calls, st.unparsable, st.duplicates, st.kept
+    ));
+    Ok(report)
+}
+
+/// Authors questions for the prompts that have none, a few prompts per
+/// transaction. Prompts left with too few questions get an empty set marked
+/// `dropped:`, and are not generated.
+fn author_questions_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
+    let mut report = StageReport::default();
+    let have = run.store.prompts_with_questions()?;
+    let todo: Vec<PromptRecord> = run
+        .store
+        .prompts()?
+        .into_iter()
+        .filter(|p| !have.contains(&p.pid))
+        .collect();
+    report.skipped = have.len();
+    if todo.is_empty() {
+        return Ok(report);
+    }
+    let llm = http_llm(run)?;
+    let embedder = agfsync_author::BagOfWords::default();
+    let tpl = template(run, &run.config.questions.template, true)?;
+    let cfg = run.config.questions.llm.clone();
+    ctx.progress.begin("questions (llm)", todo.len() as u64);
+    let mut dropped = 0;
+    for chunk in todo.chunks(8) {
+        ctx.check_cancel()?;
+        let out = agfsync_author::author_questions(&llm, &embedder, &tpl, chunk, &cfg)?;
+        for set in &out.sets {
+            if set.kept {
+                run.store
+                    .set_questions(&set.pid, &set.to_records(), &set.source())?;
+            } else {
+                dropped += 1;
+                let why = format!(
+                    "dropped: {} questions left, fewer than {}",
+                    set.questions.len(),
+                    cfg.min_questions
+                );
+                run.store.set_questions(&set.pid, &[], &why)?;
+            }
+            report.done += 1;
+        }
+        ctx.progress.advance(chunk.len() as u64);
+    }
+    ctx.progress.end();
+    if dropped > 0 {
+        report.notes.push(format!(
+            "{dropped} prompt(s) dropped with fewer than {} questions",
+            cfg.min_questions
+        ));
+    }
+    Ok(report)
+}
+
 fn questions_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
+    if run.config.questions.source == "llm" {
+        return author_questions_stage(run, ctx);
+    }
     let src = run.config.questions.source.clone();
     let prompts = run.store.prompts()?;
     let have = run.store.prompts_with_questions()?;
@@ -286,7 +412,13 @@ pub(crate) fn load_sd_for(run: &Run) -> Result<(StableDiffusion, String)> {
 
 fn generate_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
     let g = run.config.generate.clone();
-    let prompts = run.store.prompts()?;
+    let dropped = run.store.dropped_prompts()?;
+    let prompts: Vec<PromptRecord> = run
+        .store
+        .prompts()?
+        .into_iter()
+        .filter(|p| !dropped.contains(&p.pid))
+        .collect();
     let have: HashSet<(String, i64)> = run
         .store
         .candidates(None)?

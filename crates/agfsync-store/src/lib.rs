@@ -648,6 +648,18 @@ impl Store {
             .map_err(self.err())
     }
 
+    /// Prompts whose question set was dropped (source `dropped:...`, too
+    /// few questions survived authoring): later stages skip them.
+    pub fn dropped_prompts(&self) -> Result<HashSet<String>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT pid FROM question_sets WHERE source LIKE 'dropped:%'")
+            .map_err(self.err())?;
+        let rows = st.query_map([], |r| r.get(0)).map_err(self.err())?;
+        rows.collect::<rusqlite::Result<HashSet<String>>>()
+            .map_err(self.err())
+    }
+
     /// The questions of a prompt, in order.
     pub fn questions(&self, pid: &str) -> Result<Vec<QuestionRecord>> {
         let mut st = self
