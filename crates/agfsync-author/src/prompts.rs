@@ -16,9 +16,8 @@ use crate::json::extract_json;
 use crate::llm::{chat_many, ChatRequest, JsonSchema, Llm};
 use crate::template::Template;
 
-/// The twelve AGFSync prompt categories (the same list as
-/// `agfsync_pipeline::prompts::CATEGORIES`; copied to keep this crate free
-/// of the model crates the pipeline depends on).
+/// The twelve AGFSync prompt categories (AGFSync section 1); the pipeline's
+/// built-in prompt set uses the same list.
 pub const CATEGORIES: [&str; 12] = [
     "natural landscapes",
     "cities and architecture",

@@ -14,11 +14,9 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use agfsync_diffusion::pipeline::{
-    decode_latents, denoise, encode_prompts, latent_shape, random_latents, to_rgb8, DenoiseOptions,
-    Negative, XlSizes,
+    decode_latents, encode_prompts, random_latents, to_rgb8, Negative,
 };
 use agfsync_diffusion::rng::Generator;
-use agfsync_diffusion::schedulers::{build, SchedulerConfig, SchedulerKind};
 use agfsync_dpo::data::mix;
 use agfsync_eval::benchmarks::{read_hps_prompts, read_tifa};
 use agfsync_eval::report::{GridRow, MetricSummary, Report, TrainPoint};
@@ -27,7 +25,6 @@ use agfsync_feedback::image_input::{load_image, DecodeOptions};
 use agfsync_feedback::score_images::score_loaded;
 use agfsync_feedback::scorer::{Question, ScoreRequest};
 use agfsync_models::lora::{apply_lora, LoraFile, LoraMode, LoraTargets};
-use agfsync_models::stable_diffusion::SdFamily;
 use agfsync_store::{resolve_inside, write_file_atomic, EvalItemRecord, EvalScoreRecord};
 
 use crate::error::{PipelineError, Result};
@@ -236,20 +233,9 @@ fn generate_model(
     }
     let g = run.config.generate.clone();
     let device = run.device()?;
-    let native = sd.unet.config().sample_size * sd.vae.config().scale_factor();
-    let height = if g.height == 0 { native } else { g.height };
-    let width = if g.width == 0 { native } else { g.width };
-    let (_, c, h, w) =
-        latent_shape(&sd, 1, height, width).map_err(PipelineError::candle("latent shape"))?;
-    let sched_cfg = SchedulerConfig::from_json_str(&sd.scheduler_config)
-        .map_err(|e| PipelineError::Invalid(format!("the model's scheduler config: {e}")))?;
-    let kind = if g.scheduler.is_empty() {
-        SchedulerKind::from_class_name(&sched_cfg.class_name)
-    } else {
-        g.scheduler.parse::<SchedulerKind>()
-    }
-    .map_err(|e| PipelineError::Invalid(format!("generate.scheduler: {e}")))?;
-    let xl = (sd.family == SdFamily::Xl).then(|| XlSizes::for_image(height, width));
+    let setup = crate::stages::Sampling::new(&sd, &g)?;
+    let (c, h, w) = setup.latent;
+    let xl = setup.xl;
     ctx.progress
         .begin(&format!("eval {model}"), todo.len() as u64);
     let mut done = 0;
@@ -273,23 +259,7 @@ fn generate_model(
             .collect::<candle_core::Result<Vec<_>>>()
             .and_then(|v| Tensor::cat(&v, 0))
             .map_err(PipelineError::candle("initial latents"))?;
-        let mut scheduler = build(kind, &sched_cfg)
-            .map_err(|e| PipelineError::Invalid(format!("scheduler: {e}")))?;
-        scheduler
-            .set_timesteps(g.steps)
-            .map_err(|e| PipelineError::Invalid(format!("scheduler: {e}")))?;
-        let fin = denoise(
-            &sd,
-            scheduler.as_mut(),
-            &lat,
-            &text,
-            &DenoiseOptions {
-                guidance_scale: g.guidance_scale,
-            },
-            &mut Generator::new(seeds[0] ^ 0x5eed),
-            &mut |_, _| {},
-        )
-        .map_err(PipelineError::candle("denoising"))?;
+        let fin = setup.denoise(&sd, &g, &lat, &text, seeds[0] ^ 0x5eed)?;
         let images = decode_latents(&sd, &fin).map_err(PipelineError::candle("VAE decode"))?;
         let mut records = Vec::new();
         for (j, (iw, ih, rgb)) in to_rgb8(&images)

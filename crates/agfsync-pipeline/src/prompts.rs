@@ -14,21 +14,8 @@ use agfsync_store::{prompt_id, PromptRecord, QuestionRecord};
 
 use crate::error::{PipelineError, Result};
 
-/// The twelve AGFSync prompt categories.
-pub const CATEGORIES: [&str; 12] = [
-    "natural landscapes",
-    "cities and architecture",
-    "people",
-    "animals",
-    "plants",
-    "food and beverages",
-    "sports and fitness",
-    "art and culture",
-    "technology and industry",
-    "everyday objects",
-    "transportation",
-    "abstract and conceptual",
-];
+/// The twelve AGFSync prompt categories (one list for the whole project).
+pub use agfsync_author::CATEGORIES;
 
 /// A built-in prompt: category, text, and (question, element type, element).
 type Builtin = (

@@ -439,20 +439,11 @@ fn generate_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> 
     }
     let (sd, model_id) = load_sd_for(run)?;
     let device = run.device()?;
-    let native = sd.unet.config().sample_size * sd.vae.config().scale_factor();
-    let height = if g.height == 0 { native } else { g.height };
-    let width = if g.width == 0 { native } else { g.width };
-    let (_, c, h, w) =
-        latent_shape(&sd, 1, height, width).map_err(PipelineError::candle("latent shape"))?;
-    let sched_cfg = SchedulerConfig::from_json_str(&sd.scheduler_config)
-        .map_err(|e| PipelineError::Invalid(format!("the model's scheduler config: {e}")))?;
-    let kind = if g.scheduler.is_empty() {
-        SchedulerKind::from_class_name(&sched_cfg.class_name)
-    } else {
-        g.scheduler.parse::<SchedulerKind>()
-    }
-    .map_err(|e| PipelineError::Invalid(format!("generate.scheduler: {e}")))?;
-    let xl = (sd.family == SdFamily::Xl).then(|| XlSizes::for_image(height, width));
+    let setup = Sampling::new(&sd, &g)?;
+    let (height, width) = (setup.height, setup.width);
+    let (c, h, w) = setup.latent;
+    let xl = setup.xl;
+    let kind = setup.kind;
     ctx.progress.begin("generate", todo.len() as u64);
     for batch in todo.chunks(g.batch_size) {
         ctx.check_cancel()?;
@@ -553,27 +544,10 @@ fn generate_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> 
         let cond = Tensor::cat(&rows, 0).map_err(PipelineError::candle("conditioning"))?;
         let text = TextConditioning { cond, ..text };
         let init = Tensor::cat(&latents, 0).map_err(PipelineError::candle("latents"))?;
-        let mut scheduler = build(kind, &sched_cfg)
-            .map_err(|e| PipelineError::Invalid(format!("scheduler: {e}")))?;
-        scheduler
-            .set_timesteps(g.steps)
-            .map_err(|e| PipelineError::Invalid(format!("scheduler: {e}")))?;
         // Stochastic schedulers draw from a generator of the batch's first
         // seed (their images then depend on the batch; DDIM, Euler, DPM++
         // and LCM's final step aside, the loop is deterministic).
-        let mut rng = Generator::new(records[0].seed ^ 0x5eed);
-        let fin = denoise(
-            &sd,
-            scheduler.as_mut(),
-            &init,
-            &text,
-            &DenoiseOptions {
-                guidance_scale: g.guidance_scale,
-            },
-            &mut rng,
-            &mut |_, _| {},
-        )
-        .map_err(PipelineError::candle("denoising"))?;
+        let fin = setup.denoise(&sd, &g, &init, &text, records[0].seed ^ 0x5eed)?;
         let images = decode_latents(&sd, &fin).map_err(PipelineError::candle("VAE decode"))?;
         let (fin, images) = if pad > 0 {
             (
@@ -622,6 +596,79 @@ fn generate_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> 
     }
     ctx.progress.end();
     Ok(report)
+}
+
+/// What sampling needs besides the prompts, fixed for a stage: image and
+/// latent size, scheduler, SDXL micro-conditioning.
+pub(crate) struct Sampling {
+    /// Image height in pixels.
+    pub height: usize,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Latent channels, height, width.
+    pub latent: (usize, usize, usize),
+    /// The scheduler.
+    pub kind: SchedulerKind,
+    config: SchedulerConfig,
+    /// SDXL sizes.
+    pub xl: Option<XlSizes>,
+}
+
+impl Sampling {
+    /// The setup of `[generate]` for a loaded model.
+    pub(crate) fn new(sd: &StableDiffusion, g: &crate::config::GenerateSection) -> Result<Self> {
+        let native = sd.unet.config().sample_size * sd.vae.config().scale_factor();
+        let height = if g.height == 0 { native } else { g.height };
+        let width = if g.width == 0 { native } else { g.width };
+        let (_, c, h, w) =
+            latent_shape(sd, 1, height, width).map_err(PipelineError::candle("latent shape"))?;
+        let config = SchedulerConfig::from_json_str(&sd.scheduler_config)
+            .map_err(|e| PipelineError::Invalid(format!("the model's scheduler config: {e}")))?;
+        let kind = if g.scheduler.is_empty() {
+            SchedulerKind::from_class_name(&config.class_name)
+        } else {
+            g.scheduler.parse::<SchedulerKind>()
+        }
+        .map_err(|e| PipelineError::Invalid(format!("generate.scheduler: {e}")))?;
+        let xl = (sd.family == SdFamily::Xl).then(|| XlSizes::for_image(height, width));
+        Ok(Self {
+            height,
+            width,
+            latent: (c, h, w),
+            kind,
+            config,
+            xl,
+        })
+    }
+
+    /// Runs the denoising loop on a batch with a fresh scheduler; noise
+    /// drawn during sampling comes from `rng_seed`.
+    pub(crate) fn denoise(
+        &self,
+        sd: &StableDiffusion,
+        g: &crate::config::GenerateSection,
+        init: &Tensor,
+        text: &TextConditioning,
+        rng_seed: u64,
+    ) -> Result<Tensor> {
+        let mut scheduler = build(self.kind, &self.config)
+            .map_err(|e| PipelineError::Invalid(format!("scheduler: {e}")))?;
+        scheduler
+            .set_timesteps(g.steps)
+            .map_err(|e| PipelineError::Invalid(format!("scheduler: {e}")))?;
+        denoise(
+            sd,
+            scheduler.as_mut(),
+            init,
+            text,
+            &DenoiseOptions {
+                guidance_scale: g.guidance_scale,
+            },
+            &mut Generator::new(rng_seed),
+            &mut |_, _| {},
+        )
+        .map_err(PipelineError::candle("denoising"))
+    }
 }
 
 /// The scorers of the config's metrics.

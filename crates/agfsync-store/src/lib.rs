@@ -493,6 +493,46 @@ impl Store {
         |s| StoreError::sqlite(&self.db_path, s)
     }
 
+    /// Runs a query and maps every row.
+    fn query<T, P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>> {
+        let mut st = self.conn.prepare(sql).map_err(self.err())?;
+        let rows = st.query_map(params, map).map_err(self.err())?;
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(self.err())
+    }
+
+    /// Writes `rows` with one prepared statement in one transaction (after
+    /// `before`, run in the same transaction when given). Returns the
+    /// number of rows changed.
+    fn write_rows<T>(
+        &mut self,
+        before: Option<(&str, &[&dyn rusqlite::ToSql])>,
+        sql: &str,
+        rows: &[T],
+        mut each: impl FnMut(&mut rusqlite::Statement<'_>, &T) -> rusqlite::Result<usize>,
+    ) -> Result<usize> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        if let Some((sql, params)) = before {
+            tx.execute(sql, params).map_err(e)?;
+        }
+        let mut changed = 0;
+        {
+            let mut st = tx.prepare(sql).map_err(e)?;
+            for r in rows {
+                changed += each(&mut st, r).map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)?;
+        Ok(changed)
+    }
+
     fn migrate(&mut self) -> Result<()> {
         let version: i64 = self
             .conn
@@ -552,35 +592,21 @@ impl Store {
     /// Adds prompts (one transaction); prompts already present are kept as
     /// they are. Returns how many were new.
     pub fn insert_prompts(&mut self, prompts: &[PromptRecord]) -> Result<usize> {
-        let path = self.db_path.clone();
-        let e = |s| StoreError::sqlite(&path, s);
-        let tx = self.conn.transaction().map_err(e)?;
-        let mut added = 0;
-        {
-            let mut st = tx
-                .prepare(
-                    "INSERT OR IGNORE INTO prompts (pid, ord, category, text, source)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(e)?;
-            for p in prompts {
-                added += st
-                    .execute(params![p.pid, p.ord, p.category, p.text, p.source])
-                    .map_err(e)?;
-            }
-        }
-        tx.commit().map_err(e)?;
-        Ok(added)
+        self.write_rows(
+            None,
+            "INSERT OR IGNORE INTO prompts (pid, ord, category, text, source)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            prompts,
+            |st, p| st.execute(params![p.pid, p.ord, p.category, p.text, p.source]),
+        )
     }
 
     /// Every prompt, in prompt-set order.
     pub fn prompts(&self) -> Result<Vec<PromptRecord>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT pid, ord, category, text, source FROM prompts ORDER BY ord, pid")
-            .map_err(self.err())?;
-        let rows = st
-            .query_map([], |r| {
+        self.query(
+            "SELECT pid, ord, category, text, source FROM prompts ORDER BY ord, pid",
+            [],
+            |r| {
                 Ok(PromptRecord {
                     pid: r.get(0)?,
                     ord: r.get(1)?,
@@ -588,10 +614,8 @@ impl Store {
                     text: r.get(3)?,
                     source: r.get(4)?,
                 })
-            })
-            .map_err(self.err())?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err())
+            },
+        )
     }
 
     /// Stores the question set of one prompt (replacing any earlier one) in
@@ -639,38 +663,32 @@ impl Store {
 
     /// Prompts that have a question set (possibly empty).
     pub fn prompts_with_questions(&self) -> Result<HashSet<String>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT pid FROM question_sets")
-            .map_err(self.err())?;
-        let rows = st.query_map([], |r| r.get(0)).map_err(self.err())?;
-        rows.collect::<rusqlite::Result<HashSet<String>>>()
-            .map_err(self.err())
+        Ok(self
+            .query("SELECT pid FROM question_sets", [], |r| r.get(0))?
+            .into_iter()
+            .collect())
     }
 
     /// Prompts whose question set was dropped (source `dropped:...`, too
     /// few questions survived authoring): later stages skip them.
     pub fn dropped_prompts(&self) -> Result<HashSet<String>> {
-        let mut st = self
-            .conn
-            .prepare("SELECT pid FROM question_sets WHERE source LIKE 'dropped:%'")
-            .map_err(self.err())?;
-        let rows = st.query_map([], |r| r.get(0)).map_err(self.err())?;
-        rows.collect::<rusqlite::Result<HashSet<String>>>()
-            .map_err(self.err())
+        Ok(self
+            .query(
+                "SELECT pid FROM question_sets WHERE source LIKE 'dropped:%'",
+                [],
+                |r| r.get(0),
+            )?
+            .into_iter()
+            .collect())
     }
 
     /// The questions of a prompt, in order.
     pub fn questions(&self, pid: &str) -> Result<Vec<QuestionRecord>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT pid, idx, question, choices, answer, element_type, element
-                 FROM questions WHERE pid = ?1 ORDER BY idx",
-            )
-            .map_err(self.err())?;
-        let rows = st
-            .query_map([pid], |r| {
+        self.query(
+            "SELECT pid, idx, question, choices, answer, element_type, element
+             FROM questions WHERE pid = ?1 ORDER BY idx",
+            [pid],
+            |r| {
                 Ok(QuestionRecord {
                     pid: r.get(0)?,
                     idx: r.get(1)?,
@@ -680,27 +698,20 @@ impl Store {
                     element_type: r.get(5)?,
                     element: r.get(6)?,
                 })
-            })
-            .map_err(self.err())?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err())
+            },
+        )
     }
 
     /// Records candidates (one transaction: a unit of generation).
     pub fn insert_candidates(&mut self, candidates: &[CandidateRecord]) -> Result<()> {
-        let path = self.db_path.clone();
-        let e = |s| StoreError::sqlite(&path, s);
-        let tx = self.conn.transaction().map_err(e)?;
-        {
-            let mut st = tx
-                .prepare(
-                    "INSERT OR REPLACE INTO candidates
-                     (pid, idx, model, scheduler, steps, guidance, width, height, seed,
-                      noise_seed, noise_ratio, image, latents)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                )
-                .map_err(e)?;
-            for c in candidates {
+        self.write_rows(
+            None,
+            "INSERT OR REPLACE INTO candidates
+             (pid, idx, model, scheduler, steps, guidance, width, height, seed,
+              noise_seed, noise_ratio, image, latents)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            candidates,
+            |st, c| {
                 st.execute(params![
                     c.pid,
                     c.idx,
@@ -716,22 +727,20 @@ impl Store {
                     c.image,
                     c.latents
                 ])
-                .map_err(e)?;
-            }
-        }
-        tx.commit().map_err(e)
+            },
+        )
+        .map(|_| ())
     }
 
     /// Candidates, of one prompt or of all, ordered by prompt order and index.
     pub fn candidates(&self, pid: Option<&str>) -> Result<Vec<CandidateRecord>> {
-        let sql =
+        self.query(
             "SELECT c.pid, c.idx, c.model, c.scheduler, c.steps, c.guidance, c.width, c.height,
-                          c.seed, c.noise_seed, c.noise_ratio, c.image, c.latents
-                   FROM candidates c JOIN prompts p ON p.pid = c.pid
-                   WHERE (?1 IS NULL OR c.pid = ?1) ORDER BY p.ord, c.pid, c.idx";
-        let mut st = self.conn.prepare(sql).map_err(self.err())?;
-        let rows = st
-            .query_map([pid], |r| {
+                    c.seed, c.noise_seed, c.noise_ratio, c.image, c.latents
+             FROM candidates c JOIN prompts p ON p.pid = c.pid
+             WHERE (?1 IS NULL OR c.pid = ?1) ORDER BY p.ord, c.pid, c.idx",
+            [pid],
+            |r| {
                 Ok(CandidateRecord {
                     pid: r.get(0)?,
                     idx: r.get(1)?,
@@ -747,26 +756,19 @@ impl Store {
                     image: r.get(11)?,
                     latents: r.get(12)?,
                 })
-            })
-            .map_err(self.err())?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err())
+            },
+        )
     }
 
     /// Stores scores (one transaction), replacing earlier scores of the
     /// same candidate and metric.
     pub fn upsert_scores(&mut self, scores: &[ScoreRecord]) -> Result<()> {
-        let path = self.db_path.clone();
-        let e = |s| StoreError::sqlite(&path, s);
-        let tx = self.conn.transaction().map_err(e)?;
-        {
-            let mut st = tx
-                .prepare(
-                    "INSERT OR REPLACE INTO scores (pid, idx, metric, value, version, details, error)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(e)?;
-            for s in scores {
+        self.write_rows(
+            None,
+            "INSERT OR REPLACE INTO scores (pid, idx, metric, value, version, details, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            scores,
+            |st, s| {
                 st.execute(params![
                     s.pid,
                     s.idx,
@@ -776,24 +778,19 @@ impl Store {
                     json_text(&s.details),
                     s.error
                 ])
-                .map_err(e)?;
-            }
-        }
-        tx.commit().map_err(e)
+            },
+        )
+        .map(|_| ())
     }
 
     /// Every score row, ordered by prompt order, candidate and metric.
     pub fn scores(&self) -> Result<Vec<ScoreRecord>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT s.pid, s.idx, s.metric, s.value, s.version, s.details, s.error
-                 FROM scores s JOIN prompts p ON p.pid = s.pid
-                 ORDER BY p.ord, s.pid, s.idx, s.metric",
-            )
-            .map_err(self.err())?;
-        let rows = st
-            .query_map([], |r| {
+        self.query(
+            "SELECT s.pid, s.idx, s.metric, s.value, s.version, s.details, s.error
+             FROM scores s JOIN prompts p ON p.pid = s.pid
+             ORDER BY p.ord, s.pid, s.idx, s.metric",
+            [],
+            |r| {
                 Ok(ScoreRecord {
                     pid: r.get(0)?,
                     idx: r.get(1)?,
@@ -803,27 +800,19 @@ impl Store {
                     details: parse_json(&r.get::<_, String>(5)?),
                     error: r.get(6)?,
                 })
-            })
-            .map_err(self.err())?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err())
+            },
+        )
     }
 
     /// Replaces the whole pairs table (one transaction): pair selection is
     /// cheap and always recomputed from the scores.
     pub fn replace_pairs(&mut self, pairs: &[PairRecord]) -> Result<()> {
-        let path = self.db_path.clone();
-        let e = |s| StoreError::sqlite(&path, s);
-        let tx = self.conn.transaction().map_err(e)?;
-        tx.execute("DELETE FROM pairs", []).map_err(e)?;
-        {
-            let mut st = tx
-                .prepare(
-                    "INSERT INTO pairs (pid, status, winner, loser, winner_score, loser_score, reason)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(e)?;
-            for p in pairs {
+        self.write_rows(
+            Some(("DELETE FROM pairs", &[])),
+            "INSERT INTO pairs (pid, status, winner, loser, winner_score, loser_score, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            pairs,
+            |st, p| {
                 st.execute(params![
                     p.pid,
                     p.status,
@@ -833,23 +822,18 @@ impl Store {
                     p.loser_score,
                     p.reason.to_string()
                 ])
-                .map_err(e)?;
-            }
-        }
-        tx.commit().map_err(e)
+            },
+        )
+        .map(|_| ())
     }
 
     /// Every pair record (chosen or skipped), in prompt order.
     pub fn pairs(&self) -> Result<Vec<PairRecord>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT q.pid, q.status, q.winner, q.loser, q.winner_score, q.loser_score, q.reason
-                 FROM pairs q JOIN prompts p ON p.pid = q.pid ORDER BY p.ord, q.pid",
-            )
-            .map_err(self.err())?;
-        let rows = st
-            .query_map([], |r| {
+        self.query(
+            "SELECT q.pid, q.status, q.winner, q.loser, q.winner_score, q.loser_score, q.reason
+             FROM pairs q JOIN prompts p ON p.pid = q.pid ORDER BY p.ord, q.pid",
+            [],
+            |r| {
                 Ok(PairRecord {
                     pid: r.get(0)?,
                     status: r.get(1)?,
@@ -860,10 +844,8 @@ impl Store {
                     reason: serde_json::from_str(&r.get::<_, String>(6)?)
                         .unwrap_or(serde_json::Value::Null),
                 })
-            })
-            .map_err(self.err())?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err())
+            },
+        )
     }
 
     /// Records (or updates) a training run.
@@ -887,14 +869,10 @@ impl Store {
 
     /// Every training run.
     pub fn trainings(&self) -> Result<Vec<TrainingRecord>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT name, out, config, status, steps_done, result FROM trainings ORDER BY name",
-            )
-            .map_err(self.err())?;
-        let rows = st
-            .query_map([], |r| {
+        self.query(
+            "SELECT name, out, config, status, steps_done, result FROM trainings ORDER BY name",
+            [],
+            |r| {
                 Ok(TrainingRecord {
                     name: r.get(0)?,
                     out: r.get(1)?,
@@ -904,10 +882,8 @@ impl Store {
                     steps_done: r.get(4)?,
                     result: r.get(5)?,
                 })
-            })
-            .map_err(self.err())?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err())
+            },
+        )
     }
 
     /// Row counts per table.
@@ -1010,17 +986,12 @@ impl Store {
 
     /// Records evaluation images (one transaction).
     pub fn insert_eval_items(&mut self, items: &[EvalItemRecord]) -> Result<()> {
-        let path = self.db_path.clone();
-        let e = |s| StoreError::sqlite(&path, s);
-        let tx = self.conn.transaction().map_err(e)?;
-        {
-            let mut st = tx
-                .prepare(
-                    "INSERT OR REPLACE INTO eval_items (bench, model, item, prompt, grp, seed, image)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )
-                .map_err(e)?;
-            for i in items {
+        self.write_rows(
+            None,
+            "INSERT OR REPLACE INTO eval_items (bench, model, item, prompt, grp, seed, image)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            items,
+            |st, i| {
                 st.execute(params![
                     i.bench,
                     i.model,
@@ -1030,23 +1001,18 @@ impl Store {
                     i.seed as i64,
                     i.image
                 ])
-                .map_err(e)?;
-            }
-        }
-        tx.commit().map_err(e)
+            },
+        )
+        .map(|_| ())
     }
 
     /// Evaluation images of a benchmark, by model then item.
     pub fn eval_items(&self, bench: &str) -> Result<Vec<EvalItemRecord>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT bench, model, item, prompt, grp, seed, image FROM eval_items
-                 WHERE bench = ?1 ORDER BY model, item",
-            )
-            .map_err(self.err())?;
-        let rows = st
-            .query_map([bench], |r| {
+        self.query(
+            "SELECT bench, model, item, prompt, grp, seed, image FROM eval_items
+             WHERE bench = ?1 ORDER BY model, item",
+            [bench],
+            |r| {
                 Ok(EvalItemRecord {
                     bench: r.get(0)?,
                     model: r.get(1)?,
@@ -1056,25 +1022,18 @@ impl Store {
                     seed: r.get::<_, i64>(5)? as u64,
                     image: r.get(6)?,
                 })
-            })
-            .map_err(self.err())?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err())
+            },
+        )
     }
 
     /// Stores evaluation scores (one transaction).
     pub fn upsert_eval_scores(&mut self, scores: &[EvalScoreRecord]) -> Result<()> {
-        let path = self.db_path.clone();
-        let e = |s| StoreError::sqlite(&path, s);
-        let tx = self.conn.transaction().map_err(e)?;
-        {
-            let mut st = tx
-                .prepare(
-                    "INSERT OR REPLACE INTO eval_scores (bench, model, item, metric, value, version, details, error)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )
-                .map_err(e)?;
-            for s in scores {
+        self.write_rows(
+            None,
+            "INSERT OR REPLACE INTO eval_scores (bench, model, item, metric, value, version, details, error)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            scores,
+            |st, s| {
                 st.execute(params![
                     s.bench,
                     s.model,
@@ -1085,23 +1044,18 @@ impl Store {
                     json_text(&s.details),
                     s.error
                 ])
-                .map_err(e)?;
-            }
-        }
-        tx.commit().map_err(e)
+            },
+        )
+        .map(|_| ())
     }
 
     /// Evaluation scores of a benchmark.
     pub fn eval_scores(&self, bench: &str) -> Result<Vec<EvalScoreRecord>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT bench, model, item, metric, value, version, details, error FROM eval_scores
-                 WHERE bench = ?1 ORDER BY model, item, metric",
-            )
-            .map_err(self.err())?;
-        let rows = st
-            .query_map([bench], |r| {
+        self.query(
+            "SELECT bench, model, item, metric, value, version, details, error FROM eval_scores
+             WHERE bench = ?1 ORDER BY model, item, metric",
+            [bench],
+            |r| {
                 Ok(EvalScoreRecord {
                     bench: r.get(0)?,
                     model: r.get(1)?,
@@ -1112,10 +1066,8 @@ impl Store {
                     details: parse_json(&r.get::<_, String>(6)?),
                     error: r.get(7)?,
                 })
-            })
-            .map_err(self.err())?;
-        rows.collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(self.err())
+            },
+        )
     }
 
     /// Records an aggregate evaluation result.
