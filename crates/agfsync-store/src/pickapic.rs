@@ -12,7 +12,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use parquet::basic::Compression;
+pub use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, DoubleType};
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{FileReader, SerializedFileReader};
@@ -62,13 +62,14 @@ fn pq_err(path: &Path) -> impl Fn(parquet::errors::ParquetError) -> StoreError +
 /// Writes `rows` to `path` (Snappy-compressed; atomically: a temporary file
 /// renamed into place).
 pub fn write_pickapic(path: &Path, rows: &[PickapicRow]) -> Result<()> {
+    write_pickapic_with(path, rows, Compression::SNAPPY)
+}
+
+/// [`write_pickapic`] with another codec (gzip, zstd, LZ4, none).
+pub fn write_pickapic_with(path: &Path, rows: &[PickapicRow], codec: Compression) -> Result<()> {
     let e = pq_err(path);
     let schema = Arc::new(parse_message_type(SCHEMA).map_err(&e)?);
-    let props = Arc::new(
-        WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .build(),
-    );
+    let props = Arc::new(WriterProperties::builder().set_compression(codec).build());
     let mut buf: Vec<u8> = Vec::new();
     {
         let mut writer = SerializedFileWriter::new(&mut buf, schema, props).map_err(&e)?;

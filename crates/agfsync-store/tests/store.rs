@@ -1,6 +1,8 @@
 //! The run store: schema versions, transactions, path safety, Parquet.
 
-use agfsync_store::pickapic::{read_pickapic, write_pickapic, PickapicRow};
+use agfsync_store::pickapic::{
+    read_pickapic, write_pickapic, write_pickapic_with, Compression, PickapicRow,
+};
 use agfsync_store::{
     prompt_id, resolve_inside, write_file_atomic, PromptRecord, Store, StoreError, SCHEMA_VERSION,
 };
@@ -100,6 +102,16 @@ fn pickapic_parquet_round_trips_and_foreign_files_need_the_columns() -> Result<(
         .collect();
     write_pickapic(&f, &rows)?;
     assert_eq!(read_pickapic(&f)?, rows);
+    // Datasets are published with other codecs too.
+    for codec in [
+        Compression::GZIP(Default::default()),
+        Compression::ZSTD(Default::default()),
+        Compression::LZ4_RAW,
+        Compression::UNCOMPRESSED,
+    ] {
+        write_pickapic_with(&f, &rows, codec)?;
+        assert_eq!(read_pickapic(&f)?, rows, "{codec:?}");
+    }
     std::fs::write(&f, b"not parquet")?;
     assert!(read_pickapic(&f).is_err());
     Ok(())
