@@ -168,7 +168,8 @@ pub struct PromptsSection {
     /// `.txt` (one prompt a line), `.jsonl` (`{"prompt": .., "category": ..}`)
     /// or `.csv` (a `prompt` column, optional `category`).
     pub source: String,
-    /// Use only the first N prompts (0: all).
+    /// Use only the first N prompts (0: all; file and built-in sources;
+    /// LLM authoring is sized by `[prompts.llm]`).
     pub limit: usize,
     /// `source = "llm"`: the prompt template file (rules, few-shot examples,
     /// `{category}` and `{count}`); empty: the built-in AGFSync template.

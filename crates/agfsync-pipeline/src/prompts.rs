@@ -24,7 +24,8 @@ type Builtin = (
     &'static [(&'static str, &'static str, &'static str)],
 );
 
-/// One prompt per category, with questions whose answer is "yes".
+/// Three prompts per category (the first twelve: one per category, in
+/// category order), each with questions whose answer is "yes".
 const BUILTIN: &[Builtin] = &[
     (
         "natural landscapes",
@@ -176,6 +177,292 @@ const BUILTIN: &[Builtin] = &[
             ("Are there stars?", "object", "stars"),
             ("Are the stars inside the hourglass?", "spatial", "inside"),
             ("Is there no sand?", "other", "instead of sand"),
+        ],
+    ),
+    (
+        "natural landscapes",
+        "a desert canyon with red rock walls under a clear blue sky",
+        &[
+            ("Is there a canyon?", "object", "canyon"),
+            ("Are the rock walls red?", "color", "red"),
+            ("Is the sky blue?", "color", "blue"),
+            ("Is the sky clear?", "attribute", "clear"),
+            ("Is this a desert?", "location", "desert"),
+        ],
+    ),
+    (
+        "natural landscapes",
+        "a waterfall pouring into a green pool surrounded by ferns",
+        &[
+            ("Is there a waterfall?", "object", "waterfall"),
+            ("Is there a pool?", "object", "pool"),
+            ("Is the pool green?", "color", "green"),
+            ("Are there ferns?", "object", "ferns"),
+            (
+                "Do the ferns surround the pool?",
+                "spatial",
+                "surrounded by",
+            ),
+        ],
+    ),
+    (
+        "cities and architecture",
+        "a glass skyscraper reflecting orange clouds at sunset",
+        &[
+            ("Is there a skyscraper?", "object", "skyscraper"),
+            ("Is the skyscraper made of glass?", "material", "glass"),
+            ("Are there clouds?", "object", "clouds"),
+            ("Are the clouds orange?", "color", "orange"),
+            ("Is it sunset?", "other", "sunset"),
+        ],
+    ),
+    (
+        "cities and architecture",
+        "a white lighthouse on a rocky cliff above the sea",
+        &[
+            ("Is there a lighthouse?", "object", "lighthouse"),
+            ("Is the lighthouse white?", "color", "white"),
+            ("Is there a cliff?", "object", "cliff"),
+            ("Is the cliff rocky?", "attribute", "rocky"),
+            ("Is the lighthouse above the sea?", "spatial", "above"),
+            ("Is there a sea?", "object", "sea"),
+        ],
+    ),
+    (
+        "people",
+        "a child flying a yellow kite on a windy beach",
+        &[
+            ("Is there a child?", "human", "child"),
+            ("Is there a kite?", "object", "kite"),
+            ("Is the kite yellow?", "color", "yellow"),
+            ("Is the child flying the kite?", "activity", "flying"),
+            ("Is this on a beach?", "location", "beach"),
+        ],
+    ),
+    (
+        "people",
+        "two chefs in white hats cooking in a busy kitchen",
+        &[
+            ("Are there chefs?", "human", "chefs"),
+            ("Are there two chefs?", "counting", "two"),
+            ("Are the chefs wearing hats?", "object", "hats"),
+            ("Are the hats white?", "color", "white"),
+            ("Are the chefs cooking?", "activity", "cooking"),
+            ("Is this in a kitchen?", "location", "kitchen"),
+        ],
+    ),
+    (
+        "animals",
+        "an owl perched on a mossy branch at night",
+        &[
+            ("Is there an owl?", "animal", "owl"),
+            ("Is there a branch?", "object", "branch"),
+            ("Is the branch mossy?", "attribute", "mossy"),
+            ("Is the owl perched on the branch?", "spatial", "perched on"),
+            ("Is it night?", "other", "night"),
+        ],
+    ),
+    (
+        "animals",
+        "three ducklings swimming behind their mother on a pond",
+        &[
+            ("Are there ducklings?", "animal", "ducklings"),
+            ("Are there three ducklings?", "counting", "three"),
+            ("Is there a mother duck?", "animal", "mother"),
+            ("Are the ducklings swimming?", "activity", "swimming"),
+            ("Is there a pond?", "object", "pond"),
+            (
+                "Are the ducklings behind their mother?",
+                "spatial",
+                "behind",
+            ),
+        ],
+    ),
+    (
+        "plants",
+        "a field of sunflowers under a stormy sky",
+        &[
+            ("Is there a field?", "object", "field"),
+            ("Are there sunflowers?", "object", "sunflowers"),
+            ("Is there a sky?", "object", "sky"),
+            ("Is the sky stormy?", "attribute", "stormy"),
+            ("Are the sunflowers under the sky?", "spatial", "under"),
+        ],
+    ),
+    (
+        "plants",
+        "a bonsai tree in a blue ceramic pot on a wooden table",
+        &[
+            ("Is there a bonsai tree?", "object", "bonsai tree"),
+            ("Is there a pot?", "object", "pot"),
+            ("Is the pot blue?", "color", "blue"),
+            ("Is the pot ceramic?", "material", "ceramic"),
+            ("Is there a table?", "object", "table"),
+            ("Is the table wooden?", "material", "wooden"),
+        ],
+    ),
+    (
+        "food and beverages",
+        "a stack of pancakes with blueberries and maple syrup",
+        &[
+            ("Are there pancakes?", "food", "pancakes"),
+            ("Are the pancakes stacked?", "spatial", "stack"),
+            ("Are there blueberries?", "food", "blueberries"),
+            ("Is there syrup?", "food", "maple syrup"),
+            ("Is the syrup on the pancakes?", "spatial", "with"),
+        ],
+    ),
+    (
+        "food and beverages",
+        "a cup of coffee with latte art next to a croissant",
+        &[
+            ("Is there a cup?", "object", "cup"),
+            ("Is there coffee?", "food", "coffee"),
+            ("Is there latte art?", "attribute", "latte art"),
+            ("Is there a croissant?", "food", "croissant"),
+            ("Is the cup next to the croissant?", "spatial", "next to"),
+        ],
+    ),
+    (
+        "sports and fitness",
+        "a surfer riding a large wave at sunrise",
+        &[
+            ("Is there a surfer?", "human", "surfer"),
+            ("Is there a surfboard?", "object", "surfboard"),
+            ("Is there a wave?", "object", "wave"),
+            ("Is the wave large?", "attribute", "large"),
+            ("Is the surfer riding the wave?", "activity", "riding"),
+            ("Is it sunrise?", "other", "sunrise"),
+        ],
+    ),
+    (
+        "sports and fitness",
+        "a basketball player dunking in an empty gym",
+        &[
+            ("Is there a basketball player?", "human", "player"),
+            ("Is there a basketball?", "object", "basketball"),
+            ("Is the player dunking?", "activity", "dunking"),
+            ("Is this in a gym?", "location", "gym"),
+            ("Is the gym empty?", "attribute", "empty"),
+        ],
+    ),
+    (
+        "art and culture",
+        "a marble statue of a horse in a museum hall",
+        &[
+            ("Is there a statue?", "object", "statue"),
+            ("Is the statue made of marble?", "material", "marble"),
+            ("Is the statue of a horse?", "animal", "horse"),
+            ("Is this in a museum?", "location", "museum"),
+            ("Is there a hall?", "object", "hall"),
+        ],
+    ),
+    (
+        "art and culture",
+        "paper lanterns glowing over a crowded night market",
+        &[
+            ("Are there lanterns?", "object", "lanterns"),
+            ("Are the lanterns made of paper?", "material", "paper"),
+            ("Are the lanterns glowing?", "attribute", "glowing"),
+            ("Is there a market?", "location", "market"),
+            ("Is the market crowded?", "attribute", "crowded"),
+            ("Is it night?", "other", "night"),
+        ],
+    ),
+    (
+        "technology and industry",
+        "a wind turbine farm on green hills",
+        &[
+            ("Are there wind turbines?", "object", "wind turbines"),
+            ("Are there several turbines?", "counting", "farm"),
+            ("Are there hills?", "object", "hills"),
+            ("Are the hills green?", "color", "green"),
+            ("Are the turbines on the hills?", "spatial", "on"),
+        ],
+    ),
+    (
+        "technology and industry",
+        "a vintage computer with a glowing green screen on a desk",
+        &[
+            ("Is there a computer?", "object", "computer"),
+            ("Is the computer vintage?", "attribute", "vintage"),
+            ("Is there a screen?", "object", "screen"),
+            ("Is the screen green?", "color", "green"),
+            ("Is the screen glowing?", "attribute", "glowing"),
+            ("Is the computer on a desk?", "spatial", "on"),
+        ],
+    ),
+    (
+        "everyday objects",
+        "a pair of worn leather boots by a front door",
+        &[
+            ("Are there boots?", "object", "boots"),
+            ("Is there a pair of boots?", "counting", "pair"),
+            ("Are the boots made of leather?", "material", "leather"),
+            ("Are the boots worn?", "attribute", "worn"),
+            ("Is there a door?", "object", "door"),
+            ("Are the boots by the door?", "spatial", "by"),
+        ],
+    ),
+    (
+        "everyday objects",
+        "an open book and round glasses on a quilted blanket",
+        &[
+            ("Is there a book?", "object", "book"),
+            ("Is the book open?", "attribute", "open"),
+            ("Are there glasses?", "object", "glasses"),
+            ("Are the glasses round?", "shape", "round"),
+            ("Is there a blanket?", "object", "blanket"),
+            ("Is the blanket quilted?", "attribute", "quilted"),
+        ],
+    ),
+    (
+        "transportation",
+        "a red double-decker bus on a rainy street",
+        &[
+            ("Is there a bus?", "object", "bus"),
+            ("Is the bus red?", "color", "red"),
+            ("Is it a double-decker bus?", "attribute", "double-decker"),
+            ("Is there a street?", "object", "street"),
+            ("Is it rainy?", "attribute", "rainy"),
+        ],
+    ),
+    (
+        "transportation",
+        "a sailboat with white sails on a calm lake",
+        &[
+            ("Is there a sailboat?", "object", "sailboat"),
+            ("Are there sails?", "object", "sails"),
+            ("Are the sails white?", "color", "white"),
+            ("Is there a lake?", "object", "lake"),
+            ("Is the lake calm?", "attribute", "calm"),
+            ("Is the sailboat on the lake?", "spatial", "on"),
+        ],
+    ),
+    (
+        "abstract and conceptual",
+        "a staircase spiraling into the clouds",
+        &[
+            ("Is there a staircase?", "object", "staircase"),
+            ("Is the staircase spiraling?", "shape", "spiraling"),
+            ("Are there clouds?", "object", "clouds"),
+            ("Does the staircase go into the clouds?", "spatial", "into"),
+            ("Is the staircase tall?", "attribute", "into the clouds"),
+        ],
+    ),
+    (
+        "abstract and conceptual",
+        "a clock melting over the edge of a table",
+        &[
+            ("Is there a clock?", "object", "clock"),
+            ("Is the clock melting?", "attribute", "melting"),
+            ("Is there a table?", "object", "table"),
+            (
+                "Is the clock over the edge of the table?",
+                "spatial",
+                "over the edge",
+            ),
+            ("Is the clock drooping?", "shape", "melting"),
         ],
     ),
 ];
@@ -416,9 +703,21 @@ mod tests {
     #[test]
     fn builtin_set_covers_every_category_with_enough_questions() {
         let p = builtin_prompts();
-        assert_eq!(p.len(), CATEGORIES.len());
+        assert_eq!(p.len(), 3 * CATEGORIES.len());
         for (rec, cat) in p.iter().zip(CATEGORIES) {
-            assert_eq!(rec.category, cat);
+            assert_eq!(
+                rec.category, cat,
+                "the first twelve follow the category order"
+            );
+        }
+        for cat in CATEGORIES {
+            assert_eq!(p.iter().filter(|r| r.category == cat).count(), 3, "{cat}");
+        }
+        let mut texts: Vec<&str> = p.iter().map(|r| r.text.as_str()).collect();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), p.len(), "no duplicate prompts");
+        for rec in &p {
             let qs = builtin_questions(rec).unwrap();
             assert!(qs.len() >= 5, "{}: {} questions", rec.text, qs.len());
         }

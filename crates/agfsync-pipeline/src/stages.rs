@@ -183,12 +183,27 @@ fn prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
     })
 }
 
-/// Authors the prompt set with the LLM (once: a finished authoring is
-/// recorded in the store and not redone).
+/// Authors the prompt set with the LLM, one category per unit: a category
+/// is recorded as authored in the same transaction as its prompts, so a
+/// rerun after a crash or Ctrl-C continues with the next category.
 fn author_prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
+    const KEY: &str = "prompts_authored_categories";
     let mut report = StageReport::default();
-    if run.store.meta("prompts_authored")?.as_deref() == Some("done") {
-        report.skipped = run.store.counts()?.prompts;
+    let mut done: Vec<String> = run
+        .store
+        .meta(KEY)?
+        .and_then(|v| serde_json::from_str(&v).ok())
+        .unwrap_or_default();
+    let cfg = run.config.prompts.llm.clone();
+    let todo: Vec<(usize, String)> = cfg
+        .categories
+        .iter()
+        .cloned()
+        .enumerate()
+        .filter(|(_, c)| !done.contains(c))
+        .collect();
+    report.skipped = cfg.categories.len() - todo.len();
+    if todo.is_empty() {
         return Ok(report);
     }
     let llm = http_llm(run)?;
@@ -196,21 +211,30 @@ fn author_prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageRe
     // sentence-embedding model (bge) lands.
     let embedder = agfsync_author::BagOfWords::default();
     let tpl = template(run, &run.config.prompts.template, false)?;
-    let cfg = &run.config.prompts.llm;
-    ctx.progress
-        .begin("prompts (llm)", cfg.categories.len() as u64);
-    let out = agfsync_author::author_prompts(&llm, &embedder, &tpl, cfg)?;
-    ctx.progress.end();
-    let mut records = agfsync_author::prompt_records(&out.prompts, 0);
-    if run.config.prompts.limit > 0 {
-        records.truncate(run.config.prompts.limit);
+    ctx.progress.begin("prompts (llm)", todo.len() as u64);
+    let (mut calls, mut failed, mut dups, mut kept) = (0, 0, 0, 0);
+    for (ci, category) in todo {
+        ctx.check_cancel()?;
+        let one = agfsync_author::PromptAuthoring {
+            categories: vec![category.clone()],
+            ..cfg.clone()
+        };
+        let out = agfsync_author::author_prompts(&llm, &embedder, &tpl, &one)?;
+        calls += out.stats.calls;
+        failed += out.stats.failed_calls;
+        dups += out.stats.duplicates;
+        kept += out.stats.kept;
+        // Positions by category, so the prompt set's order is the same
+        // whichever categories a rerun had left to do.
+        let records = agfsync_author::prompt_records(&out.prompts, ci as i64 * 1_000_000);
+        done.push(category);
+        let value = serde_json::to_string(&done).unwrap_or_default();
+        report.done += run.store.insert_prompts_with_meta(&records, KEY, &value)?;
+        ctx.progress.advance(1);
     }
-    report.done = run.store.insert_prompts(&records)?;
-    run.store.set_meta("prompts_authored", "done")?;
-    let st = &out.stats;
+    ctx.progress.end();
     report.notes.push(format!(
-        "{} calls ({} failed), {} unparsable answers, {} duplicates dropped, {} kept",
-        st.calls, st.failed_calls, st.unparsable, st.duplicates, st.kept
+        "{calls} calls ({failed} failed), {dups} near duplicates dropped, {kept} prompts kept"
     ));
     Ok(report)
 }

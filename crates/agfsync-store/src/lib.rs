@@ -601,6 +601,42 @@ impl Store {
         )
     }
 
+    /// Adds prompts and sets a `meta` value in one transaction: a unit of
+    /// authoring (one category) is recorded as done exactly when its
+    /// prompts are stored.
+    pub fn insert_prompts_with_meta(
+        &mut self,
+        prompts: &[PromptRecord],
+        key: &str,
+        value: &str,
+    ) -> Result<usize> {
+        let path = self.db_path.clone();
+        let e = |s| StoreError::sqlite(&path, s);
+        let tx = self.conn.transaction().map_err(e)?;
+        let mut added = 0;
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT OR IGNORE INTO prompts (pid, ord, category, text, source)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(e)?;
+            for p in prompts {
+                added += st
+                    .execute(params![p.pid, p.ord, p.category, p.text, p.source])
+                    .map_err(e)?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )
+        .map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(added)
+    }
+
     /// Every prompt, in prompt-set order.
     pub fn prompts(&self) -> Result<Vec<PromptRecord>> {
         self.query(
