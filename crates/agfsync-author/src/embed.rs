@@ -1,6 +1,7 @@
 //! Sentence embeddings for near-duplicate removal: the [`Embedder`] trait
-//! (the real BERT-family embedder, bge-large-en-v1.5 in the original,
-//! implements it elsewhere) and a bag-of-words embedder for tests.
+//! (the real BERT-family embedder, bge-large-en-v1.5 in the original, is
+//! `bert_embed::BertEmbedder` with the feature `local`) and a bag-of-words
+//! embedder for tests.
 
 use crate::error::{AuthorError, Result};
 

@@ -12,7 +12,9 @@
 //!   document that follows the schema.
 //! * [`prompts::author_prompts`] and [`questions::author_questions`] are
 //!   the stages' logic, generic over the model and over an
-//!   [`embed::Embedder`] used to drop near duplicates; their records convert
+//!   [`embed::Embedder`] used to drop near duplicates (the BERT-family
+//!   `bert_embed::BertEmbedder`, bge in AGFSync, with the default feature
+//!   `local`); their records convert
 //!   to the run store's `PromptRecord` and `QuestionRecord`.
 //! * [`template::Template`] is the editable message template; the defaults
 //!   ship in `templates/`.
@@ -20,6 +22,8 @@
 //! Importing existing prompt lists and TIFA question files lives in
 //! `agfsync-pipeline`'s `prompts` module, not here.
 
+#[cfg(feature = "local")]
+pub mod bert_embed;
 pub mod constrained;
 pub mod embed;
 pub mod error;
@@ -30,6 +34,8 @@ pub mod prompts;
 pub mod questions;
 pub mod template;
 
+#[cfg(feature = "local")]
+pub use bert_embed::{write_tiny_bert, BertEmbedder, BertEmbedderOptions, Pooling};
 pub use embed::{BagOfWords, Embedder};
 pub use error::{AuthorError, Result};
 pub use json::extract_json;
