@@ -494,7 +494,10 @@ fn prompts_and_questions_authored_by_an_llm_server_reach_the_run_and_the_key_sta
                  structured_output = true\nmax_retries = 0\n\n[run]\n"
             ),
         )
-        .replace("source = \"builtin\"\nlimit = 3", "source = \"llm\"\nlimit = 0")
+        .replace(
+            "source = \"builtin\"\nlimit = 3",
+            "source = \"llm\"\nlimit = 0\nembedder = \"models/tiny-bert\"",
+        )
         .replace(
             "[questions]\n",
             "[questions]\nllm = { grounding = \"off\", calls_per_prompt = 1 }\n",

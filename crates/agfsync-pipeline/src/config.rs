@@ -177,6 +177,10 @@ pub struct PromptsSection {
     /// `source = "llm"`: categories, descriptions per call, calls per
     /// category, sampling, seed and the near-duplicate threshold.
     pub llm: agfsync_author::PromptAuthoring,
+    /// The sentence-embedding model for near-duplicate removal of authored
+    /// prompts and questions: a BERT-family folder or hub id (AGFSync used
+    /// BAAI/bge-large-en-v1.5); empty: a bag-of-words embedding.
+    pub embedder: String,
 }
 
 impl Default for PromptsSection {
@@ -186,6 +190,7 @@ impl Default for PromptsSection {
             limit: 0,
             template: String::new(),
             llm: agfsync_author::PromptAuthoring::default(),
+            embedder: String::new(),
         }
     }
 }
@@ -583,6 +588,7 @@ fn template_text(preset: Preset) -> String {
          # server; settings in [prompts.llm]), or a .txt (one a line),\n\
          # .jsonl ({{\"prompt\": .., \"category\": ..}}) or .csv (prompt[,category]) file.\n\
          {prompts}\
+         # embedder = \"BAAI/bge-large-en-v1.5\"   # near duplicates of authored prompts\n\
          \n\
          [questions]\n\
          # builtin (questions of the built-in prompts), llm ([questions.llm]), none,\n\

@@ -122,6 +122,24 @@ fn http_llm(run: &Run) -> Result<agfsync_author::http::HttpLlm> {
     Ok(agfsync_author::http::HttpLlm::new(cfg)?)
 }
 
+/// The sentence embedder for near-duplicate removal: `[prompts] embedder`
+/// (a BERT-family folder or hub id), or a bag-of-words embedding.
+fn embedder(run: &Run) -> Result<Box<dyn agfsync_author::Embedder>> {
+    let spec = &run.config.prompts.embedder;
+    if spec.is_empty() {
+        return Ok(Box::new(agfsync_author::BagOfWords::default()));
+    }
+    let options = agfsync_author::BertEmbedderOptions {
+        device: run.device()?,
+        ..agfsync_author::BertEmbedderOptions::default()
+    };
+    Ok(Box::new(agfsync_author::BertEmbedder::load(
+        &run.model_path(spec),
+        &HubOptions::from_env(),
+        &options,
+    )?))
+}
+
 /// A template file of the config, or the built-in one.
 fn template(run: &Run, file: &str, questions: bool) -> Result<agfsync_author::Template> {
     use agfsync_author::template::{PROMPT_PLACEHOLDERS, QUESTION_PLACEHOLDERS};
@@ -207,9 +225,7 @@ fn author_prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageRe
         return Ok(report);
     }
     let llm = http_llm(run)?;
-    // Near-duplicate removal with a bag-of-words embedding until the
-    // sentence-embedding model (bge) lands.
-    let embedder = agfsync_author::BagOfWords::default();
+    let embedder = embedder(run)?;
     let tpl = template(run, &run.config.prompts.template, false)?;
     ctx.progress.begin("prompts (llm)", todo.len() as u64);
     let (mut calls, mut failed, mut dups, mut kept) = (0, 0, 0, 0);
@@ -219,7 +235,7 @@ fn author_prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageRe
             categories: vec![category.clone()],
             ..cfg.clone()
         };
-        let out = agfsync_author::author_prompts(&llm, &embedder, &tpl, &one)?;
+        let out = agfsync_author::author_prompts(&llm, embedder.as_ref(), &tpl, &one)?;
         calls += out.stats.calls;
         failed += out.stats.failed_calls;
         dups += out.stats.duplicates;
@@ -256,14 +272,14 @@ fn author_questions_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<Stage
         return Ok(report);
     }
     let llm = http_llm(run)?;
-    let embedder = agfsync_author::BagOfWords::default();
+    let embedder = embedder(run)?;
     let tpl = template(run, &run.config.questions.template, true)?;
     let cfg = run.config.questions.llm.clone();
     ctx.progress.begin("questions (llm)", todo.len() as u64);
     let mut dropped = 0;
     for chunk in todo.chunks(8) {
         ctx.check_cancel()?;
-        let out = agfsync_author::author_questions(&llm, &embedder, &tpl, chunk, &cfg)?;
+        let out = agfsync_author::author_questions(&llm, embedder.as_ref(), &tpl, chunk, &cfg)?;
         for set in &out.sets {
             if set.kept {
                 run.store

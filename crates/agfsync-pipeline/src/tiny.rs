@@ -10,7 +10,8 @@ use agfsync_models::tiny::{write_tiny_sd_pipeline, TinyPreset};
 use crate::error::Result;
 
 /// Writes `tiny-sd15/`, `tiny-clip/`, `tiny-aesthetic.safetensors`,
-/// `tiny-llava/` (VQA) and `tiny-hps/` (HPSv2) into
+/// `tiny-llava/` (VQA), `tiny-hps/` (HPSv2) and `tiny-bert/` (sentence
+/// embeddings for authoring) into
 /// `models_dir` and returns their paths.
 pub fn write_tiny_models(models_dir: &Path) -> Result<Vec<PathBuf>> {
     let sd = models_dir.join("tiny-sd15");
@@ -24,5 +25,7 @@ pub fn write_tiny_models(models_dir: &Path) -> Result<Vec<PathBuf>> {
     let llava = models_dir.join("tiny-llava");
     agfsync_feedback::llava::write_tiny_llava(&llava, 13)?;
     let hps = agfsync_feedback::hps::write_tiny_hps(&models_dir.join("tiny-hps"), 17)?;
-    Ok(vec![sd, clip, head, llava, hps])
+    let bert = models_dir.join("tiny-bert");
+    agfsync_author::write_tiny_bert(&bert, 19)?;
+    Ok(vec![sd, clip, head, llava, hps, bert])
 }
