@@ -608,8 +608,8 @@ impl JsonConstraint {
                                 next = literals.len();
                             }
                         }
-                        for p in next..literals.len() {
-                            out.extend(literals[p].iter());
+                        for (p, literal) in literals.iter().enumerate().skip(next) {
+                            out.extend(literal.iter());
                             if let Some(&child) = children.get(p) {
                                 self.min_value(child, &mut out, 0);
                             }
