@@ -49,6 +49,10 @@ use crate::error::{AuthorError, Result};
 /// Deepest schema nesting compiled.
 const MAX_SCHEMA_DEPTH: usize = 32;
 
+/// The character [`JsonConstraint::shortest_completion`] pads strings to
+/// their `minLength` with.
+const FILLER: char = 'x';
+
 /// The token vocabulary: each id's decoded text.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Vocabulary {
@@ -514,6 +518,155 @@ impl JsonConstraint {
         }
     }
 
+    /// The shortest text that, fed from `state`, completes the document
+    /// (empty when it is complete): closing what is open, the shortest enum
+    /// values, `x` as filler for `minLength`, `minItems` items of the least
+    /// size. A decoder with a token budget forces it once the budget only
+    /// just covers it, so every answer parses even when the model never
+    /// chooses to stop. Feeding a prefix of it leaves the rest as the new
+    /// shortest completion, so forcing can proceed token by token.
+    pub fn shortest_completion(&self, state: &ConstraintState) -> String {
+        let mut out = String::new();
+        let n = state.stack.len();
+        for (i, frame) in state.stack.iter().enumerate().rev() {
+            // Frames below the top have a child value in progress, which the
+            // text already written completes.
+            let top = i + 1 == n;
+            match *frame {
+                Frame::Value(node) => self.min_value(node, &mut out, 0),
+                Frame::Str {
+                    node,
+                    chars,
+                    escape,
+                    enum_idx,
+                    raw_len,
+                } => {
+                    if let Node::Str {
+                        enum_values,
+                        min_len,
+                        ..
+                    } = &self.nodes[node as usize]
+                    {
+                        match enum_values {
+                            Some(values) => {
+                                let so_far =
+                                    &values[enum_idx as usize].as_bytes()[..raw_len as usize];
+                                let rest = values
+                                    .iter()
+                                    .filter(|v| v.as_bytes().starts_with(so_far))
+                                    .min_by_key(|v| v.len())
+                                    .and_then(|v| v.get(raw_len as usize..))
+                                    .unwrap_or("");
+                                out.push_str(rest);
+                            }
+                            None => {
+                                let mut chars = chars;
+                                if escape {
+                                    // `\"` is one escaped character.
+                                    out.push('"');
+                                    chars += 1;
+                                }
+                                for _ in chars..*min_len {
+                                    out.push(FILLER);
+                                }
+                            }
+                        }
+                    }
+                    out.push('"');
+                }
+                Frame::Arr { node, items, phase } => {
+                    if let Node::Arr {
+                        item, min_items, ..
+                    } = &self.nodes[node as usize]
+                    {
+                        let mut items = items;
+                        if !top {
+                            items += 1;
+                        } else if phase == ArrPhase::AfterComma {
+                            self.min_value(*item, &mut out, 0);
+                            items += 1;
+                        }
+                        while items < *min_items {
+                            if items > 0 {
+                                out.push(',');
+                            }
+                            self.min_value(*item, &mut out, 0);
+                            items += 1;
+                        }
+                    }
+                    out.push(']');
+                }
+                Frame::Obj { node, prop, pos } => {
+                    if let Node::Obj { children, literals } = &self.nodes[node as usize] {
+                        let mut next = prop as usize + 1;
+                        if top {
+                            let literal = &literals[prop as usize];
+                            out.extend(literal.iter().skip(pos as usize));
+                            if let Some(&child) = children.get(prop as usize) {
+                                self.min_value(child, &mut out, 0);
+                            } else {
+                                next = literals.len();
+                            }
+                        }
+                        for (p, literal) in literals.iter().enumerate().skip(next) {
+                            out.extend(literal.iter());
+                            if let Some(&child) = children.get(p) {
+                                self.min_value(child, &mut out, 0);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Appends the smallest value of `node` (see
+    /// [`Self::shortest_completion`]).
+    fn min_value(&self, node: u32, out: &mut String, depth: usize) {
+        if depth > MAX_SCHEMA_DEPTH {
+            return; // compile() refuses deeper schemas
+        }
+        match &self.nodes[node as usize] {
+            Node::Str {
+                enum_values,
+                min_len,
+                ..
+            } => {
+                out.push('"');
+                match enum_values {
+                    Some(values) => {
+                        if let Some(v) = values.iter().min_by_key(|v| v.len()) {
+                            out.push_str(v);
+                        }
+                    }
+                    None => out.extend(std::iter::repeat_n(FILLER, *min_len as usize)),
+                }
+                out.push('"');
+            }
+            Node::Arr {
+                item, min_items, ..
+            } => {
+                out.push('[');
+                for i in 0..*min_items {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    self.min_value(*item, out, depth + 1);
+                }
+                out.push(']');
+            }
+            Node::Obj { children, literals } => {
+                for (p, literal) in literals.iter().enumerate() {
+                    out.extend(literal.iter());
+                    if let Some(&child) = children.get(p) {
+                        self.min_value(child, out, depth + 1);
+                    }
+                }
+            }
+        }
+    }
+
     /// Tells the parent of a completed value that it is complete.
     fn finish(&self, stack: &mut [Frame]) {
         match stack.last_mut() {
@@ -776,6 +929,42 @@ mod tests {
         assert_eq!(v, json!({"b": ["a"], "a": "no"}));
     }
 
+    /// The shortest completion completes the document, and after its
+    /// first character the rest is the new shortest completion.
+    fn check_completion(c: &JsonConstraint, s: &ConstraintState) {
+        let comp = c.shortest_completion(s);
+        let mut done = s.clone();
+        assert!(c.feed(&mut done, &comp), "{:?} + {comp:?}", s.text());
+        assert!(c.is_complete(&done), "{:?} + {comp:?}", s.text());
+        if let Some(first) = comp.chars().next() {
+            let mut one = s.clone();
+            assert!(c.feed(&mut one, &first.to_string()));
+            assert_eq!(c.shortest_completion(&one), comp[first.len_utf8()..]);
+        }
+    }
+
+    #[test]
+    fn shortest_completions() {
+        let c = JsonConstraint::new(&schema(), chars_vocab()).unwrap();
+        let mut s = c.start();
+        assert_eq!(c.shortest_completion(&s), r#"{"b":[""],"a":"no"}"#);
+        c.feed(&mut s, r#"{"b":["a\"#);
+        assert_eq!(c.shortest_completion(&s), r#"""],"a":"no"}"#);
+        c.feed(&mut s, r#"n"],"a":"y"#);
+        assert_eq!(c.shortest_completion(&s), r#"es"}"#);
+        let q = JsonConstraint::new(
+            &json!({"type": "array", "minItems": 2, "items": {"type": "string", "minLength": 2}}),
+            chars_vocab(),
+        )
+        .unwrap();
+        let mut s = q.start();
+        assert_eq!(q.shortest_completion(&s), r#"["xx","xx"]"#);
+        q.feed(&mut s, r#"["a"#);
+        assert_eq!(q.shortest_completion(&s), r#"x","xx"]"#);
+        q.feed(&mut s, r#"bc","#);
+        assert_eq!(q.shortest_completion(&s), r#""xx"]"#);
+    }
+
     #[test]
     fn trie_walk_equals_trying_every_token() {
         let mut pieces: Vec<String> = "{}[]\",:\\abcdeynos \n"
@@ -799,6 +988,9 @@ mod tests {
             for step in 0..200u32 {
                 let fast = c.allowed_tokens(&s);
                 assert_eq!(fast, c.allowed_tokens_naive(&s), "after {:?}", s.text());
+                if !s.ended() {
+                    check_completion(&c, &s);
+                }
                 let Some(t) = (0..vocab.len() as u32)
                     .filter(|&t| fast[t as usize])
                     .max_by_key(|&t| (t * 7919 + step * 31 + seed * 17) % 101)

@@ -85,6 +85,15 @@ pub enum AuthorError {
         /// What failed.
         message: String,
     },
+    /// An in-process model could not be loaded; the reason names the file
+    /// and how to fix it.
+    #[error("loading the model from {location}: {reason}")]
+    Load {
+        /// The folder or hub repo.
+        location: String,
+        /// What is wrong and what to do about it.
+        reason: String,
+    },
     /// Every LLM call of a stage failed, so there is nothing to keep.
     #[error("all {calls} LLM call(s) failed; first error: {first}")]
     AllCallsFailed {

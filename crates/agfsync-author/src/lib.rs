@@ -3,7 +3,8 @@
 //!
 //! * [`llm::Llm`] is the one interface to a model: the OpenAI-compatible
 //!   HTTP backend ([`http::HttpLlm`]: OpenAI, vLLM, llama.cpp server,
-//!   ollama, TGI), an in-process candle model later, and [`llm::FakeLlm`]
+//!   ollama, TGI), the in-process candle model (`local::LocalLlm`, cargo
+//!   feature `local`, on by default), and [`llm::FakeLlm`]
 //!   for tests. [`llm::chat_many`] runs a batch with bounded concurrency.
 //! * [`json::extract_json`] recovers JSON from what models actually write
 //!   (code fences, prose, trailing commas, single quotes, truncation).
@@ -30,6 +31,8 @@ pub mod error;
 pub mod http;
 pub mod json;
 pub mod llm;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod prompts;
 pub mod questions;
 pub mod template;
@@ -40,6 +43,8 @@ pub use embed::{BagOfWords, Embedder};
 pub use error::{AuthorError, Result};
 pub use json::extract_json;
 pub use llm::{chat_many, ChatRequest, ChatResponse, FakeLlm, JsonSchema, Llm, Message, Role};
+#[cfg(feature = "local")]
+pub use local::{write_tiny_qwen2, ChatTemplate, LocalLlm, LocalLlmOptions};
 pub use prompts::{
     author_prompts, prompt_records, AuthorStats, AuthoredPrompt, PromptAuthoring, PromptsOutcome,
     Provenance, CATEGORIES,
