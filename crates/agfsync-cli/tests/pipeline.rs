@@ -496,7 +496,7 @@ fn prompts_and_questions_authored_by_an_llm_server_reach_the_run_and_the_key_sta
         )
         .replace(
             "source = \"builtin\"\nlimit = 3",
-            "source = \"llm\"\nlimit = 0\nembedder = \"models/tiny-bert\"",
+            "source = \"llm\"\nlimit = 0",
         )
         .replace(
             "[questions]\n",
@@ -542,5 +542,55 @@ fn prompts_and_questions_authored_by_an_llm_server_reach_the_run_and_the_key_sta
             "{f} holds the key"
         );
     }
+    Ok(())
+}
+
+#[test]
+fn an_in_process_random_llm_still_authors_valid_records_into_the_run() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("local");
+    init_small(&dir)?;
+    let cfg = dir.join("agfsync.toml");
+    let text = std::fs::read_to_string(&cfg)?
+        .replace(
+            "[run]\n",
+            "[local_llm]\nmodel = \"models/tiny-qwen2\"\n\n[run]\n",
+        )
+        // Near duplicates judged by the tiny BERT sentence embedder.
+        .replace(
+            "source = \"builtin\"\nlimit = 3",
+            "source = \"llm\"\nlimit = 0\nembedder = \"models/tiny-bert\"",
+        )
+        .replace(
+            "[questions]\n",
+            "[prompts.llm]\ncategories = [\"animals\"]\nper_call = 3\nmax_tokens = 200\n\n\
+             [questions]\nllm = { grounding = \"off\", calls_per_prompt = 1, per_call = 3, \
+             max_tokens = 200, min_questions = 1 }\n",
+        )
+        .replace(
+            "source = \"builtin\"\n\n[generate]",
+            "source = \"llm\"\n\n[generate]",
+        );
+    std::fs::write(&cfg, text)?;
+    ok(&agfsync(&["prompts", s(&dir)])?)?;
+    ok(&agfsync(&["questions", s(&dir)])?)?;
+    let store = Store::open(&dir)?;
+    let prompts = store.prompts()?;
+    // A random-weight model writes nonsense, but constrained decoding makes
+    // it valid records.
+    assert!(!prompts.is_empty());
+    for p in &prompts {
+        assert!(
+            p.source.starts_with("llm:") && p.source.contains("local:"),
+            "{p:?}"
+        );
+        assert!(!p.text.trim().is_empty());
+    }
+    assert_eq!(store.prompts_with_questions()?.len(), prompts.len());
+    // A rerun authors nothing new.
+    let out = agfsync(&["prompts", s(&dir), "--json"])?;
+    ok(&out)?;
+    let rep: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(rep["prompts"]["done"], 0, "{rep}");
     Ok(())
 }

@@ -56,6 +56,11 @@ pub struct RunConfig {
     /// written here.
     #[serde(default)]
     pub llm: Option<agfsync_author::http::HttpConfig>,
+    /// Or an in-process LLM (`source = "llm"` without a server): a
+    /// transformers Llama/Qwen2 instruct folder or hub id, run by candle
+    /// with JSON-schema-constrained decoding.
+    #[serde(default)]
+    pub local_llm: Option<LocalLlmSection>,
     /// Where prompts come from.
     #[serde(default)]
     pub prompts: PromptsSection,
@@ -115,6 +120,22 @@ impl Default for EvalSection {
             enabled: true,
         }
     }
+}
+
+/// `[local_llm]`: an in-process authoring model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalLlmSection {
+    /// A transformers folder (relative to the run) or hub id, e.g.
+    /// Qwen/Qwen2.5-7B-Instruct.
+    pub model: String,
+    /// Requests decoded at once.
+    #[serde(default = "one")]
+    pub max_concurrency: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// `[run]`.
@@ -448,12 +469,18 @@ impl RunConfig {
         if self.pairs.weights.values().all(|w| *w == 0.0) {
             return bad("pairs.weights: every weight is zero, so no candidate can win".into());
         }
-        if (self.prompts.source == "llm" || self.questions.source == "llm") && self.llm.is_none() {
+        if (self.prompts.source == "llm" || self.questions.source == "llm")
+            && self.llm.is_none()
+            && self.local_llm.is_none()
+        {
             return bad(
-                "prompts.source or questions.source is \"llm\" but there is no [llm] section \
-                 (base_url, model, api_key_env)"
+                "prompts.source or questions.source is \"llm\" but there is neither an [llm] \
+                 section (base_url, model, api_key_env) nor a [local_llm] one (model)"
                     .into(),
             );
+        }
+        if self.llm.is_some() && self.local_llm.is_some() {
+            return bad("give [llm] (a server) or [local_llm] (in process), not both".into());
         }
         if self.pairs.min_gap < 0.0 {
             return bad("pairs.min_gap must not be negative".into());

@@ -114,12 +114,27 @@ pub fn run_stage(run: &mut Run, stage: Stage, ctx: &StageContext<'_>) -> Result<
     r
 }
 
-/// The LLM server of `[llm]`.
-fn http_llm(run: &Run) -> Result<agfsync_author::http::HttpLlm> {
+/// The authoring LLM: the server of `[llm]`, or the in-process model of
+/// `[local_llm]`.
+fn http_llm(run: &Run) -> Result<Box<dyn agfsync_author::Llm>> {
+    if let Some(local) = &run.config.local_llm {
+        let options = agfsync_author::LocalLlmOptions {
+            device: run.device()?,
+            max_concurrency: local.max_concurrency.max(1),
+            ..agfsync_author::LocalLlmOptions::default()
+        };
+        return Ok(Box::new(agfsync_author::LocalLlm::open(
+            &run.model_path(&local.model),
+            &HubOptions::from_env(),
+            &options,
+        )?));
+    }
     let cfg = run.config.llm.clone().ok_or_else(|| {
-        PipelineError::Invalid("source = \"llm\" needs an [llm] section in agfsync.toml".into())
+        PipelineError::Invalid(
+            "source = \"llm\" needs an [llm] or [local_llm] section in agfsync.toml".into(),
+        )
     })?;
-    Ok(agfsync_author::http::HttpLlm::new(cfg)?)
+    Ok(Box::new(agfsync_author::http::HttpLlm::new(cfg)?))
 }
 
 /// The sentence embedder for near-duplicate removal: `[prompts] embedder`
@@ -235,7 +250,7 @@ fn author_prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageRe
             categories: vec![category.clone()],
             ..cfg.clone()
         };
-        let out = agfsync_author::author_prompts(&llm, embedder.as_ref(), &tpl, &one)?;
+        let out = agfsync_author::author_prompts(llm.as_ref(), embedder.as_ref(), &tpl, &one)?;
         calls += out.stats.calls;
         failed += out.stats.failed_calls;
         dups += out.stats.duplicates;
@@ -279,7 +294,8 @@ fn author_questions_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<Stage
     let mut dropped = 0;
     for chunk in todo.chunks(8) {
         ctx.check_cancel()?;
-        let out = agfsync_author::author_questions(&llm, embedder.as_ref(), &tpl, chunk, &cfg)?;
+        let out =
+            agfsync_author::author_questions(llm.as_ref(), embedder.as_ref(), &tpl, chunk, &cfg)?;
         for set in &out.sets {
             if set.kept {
                 run.store

@@ -10,8 +10,8 @@ use agfsync_models::tiny::{write_tiny_sd_pipeline, TinyPreset};
 use crate::error::Result;
 
 /// Writes `tiny-sd15/`, `tiny-clip/`, `tiny-aesthetic.safetensors`,
-/// `tiny-llava/` (VQA), `tiny-hps/` (HPSv2) and `tiny-bert/` (sentence
-/// embeddings for authoring) into
+/// `tiny-llava/` (VQA), `tiny-hps/` (HPSv2), `tiny-bert/` (sentence
+/// embeddings) and `tiny-qwen2/` (an in-process authoring LLM) into
 /// `models_dir` and returns their paths.
 pub fn write_tiny_models(models_dir: &Path) -> Result<Vec<PathBuf>> {
     let sd = models_dir.join("tiny-sd15");
@@ -27,5 +27,7 @@ pub fn write_tiny_models(models_dir: &Path) -> Result<Vec<PathBuf>> {
     let hps = agfsync_feedback::hps::write_tiny_hps(&models_dir.join("tiny-hps"), 17)?;
     let bert = models_dir.join("tiny-bert");
     agfsync_author::write_tiny_bert(&bert, 19)?;
-    Ok(vec![sd, clip, head, llava, hps, bert])
+    let qwen = models_dir.join("tiny-qwen2");
+    agfsync_author::write_tiny_qwen2(&qwen, 23)?;
+    Ok(vec![sd, clip, head, llava, hps, bert, qwen])
 }
