@@ -594,3 +594,43 @@ fn an_in_process_random_llm_still_authors_valid_records_into_the_run() -> Result
     assert_eq!(rep["prompts"]["done"], 0, "{rep}");
     Ok(())
 }
+
+#[test]
+fn a_model_evaluated_against_its_own_copy_shows_no_difference() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("same");
+    init_small(&dir)?;
+    let cfg = dir.join("agfsync.toml");
+    // A pipeline folder as the second model: the base itself, so every
+    // paired difference must be exactly zero and every prompt a tie.
+    let text = std::fs::read_to_string(&cfg)?
+        .replace(
+            "models = [\"base\", \"tuned\"]",
+            "models = [\"base\", \"copy=models/tiny-sd15\"]",
+        )
+        .replace(
+            "metrics = [\"clip\", \"aesthetic\", \"vqa\", \"hps\"]\nresamples",
+            "metrics = [\"clip\", \"hps\"]\nresamples",
+        );
+    std::fs::write(&cfg, text)?;
+    ok(&agfsync(&["eval", s(&dir)])?)?;
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.join("eval/builtin/results.json"),
+    )?)?;
+    let metrics = results["metrics"].as_array().context("metrics")?;
+    assert_eq!(metrics.len(), 2);
+    for m in metrics {
+        let c = &m["comparison"];
+        assert_eq!(c["n"], 3, "{m}");
+        assert_eq!(c["mean_diff"], 0.0, "{m}");
+        assert_eq!(c["win_rate"], 0.5, "{m}");
+        assert_eq!(m["means"]["base"], m["means"]["copy"], "{m}");
+    }
+    // A model path that does not exist is named.
+    let text = std::fs::read_to_string(&cfg)?.replace("models/tiny-sd15\"]", "models/nope\"]");
+    std::fs::write(&cfg, text)?;
+    let out = agfsync(&["eval", s(&dir)])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("models/nope"));
+    Ok(())
+}

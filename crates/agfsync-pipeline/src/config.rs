@@ -102,7 +102,8 @@ pub struct EvalSection {
     pub resamples: usize,
     /// Models compared, the first being the baseline: `base` (the
     /// diffusion model), `tuned` (base + this run's DPO LoRA, once trained)
-    /// or `NAME=PATH` (base + another LoRA file, relative to the run).
+    /// or `NAME=PATH` (base + another LoRA file, or a whole diffusers
+    /// pipeline folder such as a merged model; relative to the run).
     pub models: Vec<String>,
     /// Run the eval stage in `agfsync run`.
     pub enabled: bool,
@@ -655,7 +656,7 @@ fn template_text(preset: Preset) -> String {
          seed = 1000\n\
          metrics = [\"clip\", \"aesthetic\"]\n\
          resamples = 2000\n\
-         # base, tuned (this run's LoRA) or NAME=PATH (another LoRA file).\n\
+         # base, tuned (this run's LoRA) or NAME=PATH (a LoRA file or a pipeline folder).\n\
          models = [\"base\", \"tuned\"]\n\
          enabled = true\n"
     )

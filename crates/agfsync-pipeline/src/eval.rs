@@ -156,9 +156,10 @@ fn models(run: &Run, notes: &mut Vec<String>) -> Result<Vec<(String, Option<Path
                     )));
                 };
                 let p = run.root.join(path.trim());
-                if !p.is_file() {
+                if !p.exists() {
                     return Err(PipelineError::Invalid(format!(
-                        "eval.models: {} (model `{name}`) does not exist",
+                        "eval.models: {} (model `{name}`) does not exist: give a LoRA file or a \
+                         diffusers pipeline folder, relative to the run",
                         p.display()
                     )));
                 }
@@ -225,8 +226,13 @@ fn generate_model(
     if todo.is_empty() {
         return Ok(0);
     }
-    let (sd, _) = crate::stages::load_sd_for(run)?;
-    if let Some(path) = lora {
+    // A folder is a whole diffusers pipeline (for example a merged or
+    // fully fine-tuned model); a file is a LoRA on the base model.
+    let (sd, _) = match lora {
+        Some(dir) if dir.is_dir() => crate::stages::load_sd_from(run, &dir.display().to_string())?,
+        _ => crate::stages::load_sd_for(run)?,
+    };
+    if let Some(path) = lora.filter(|p| p.is_file()) {
         let file = LoraFile::load(path)?;
         apply_lora(&file, &LoraTargets::of(&sd), "tuned", 1.0, LoraMode::Merge)
             .map_err(|e| PipelineError::Invalid(format!("{}: {e}", path.display())))?;

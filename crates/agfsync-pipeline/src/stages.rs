@@ -450,9 +450,14 @@ fn weight_files(root: &Path) -> Vec<std::path::PathBuf> {
 /// or the folder name and a fingerprint of its weight files (the same on
 /// every machine, unlike a path).
 pub(crate) fn load_sd_for(run: &Run) -> Result<(StableDiffusion, String)> {
-    let spec = run.model_path(&run.config.models.diffusion);
+    load_sd_from(run, &run.model_path(&run.config.models.diffusion))
+}
+
+/// Loads a diffusers pipeline (folder or hub id) with the run's device and
+/// dtype, and its identity.
+pub(crate) fn load_sd_from(run: &Run, spec: &str) -> Result<(StableDiffusion, String)> {
     let src =
-        resolve_model(&spec, &HubOptions::from_env()).map_err(agfsync_models::ModelError::from)?;
+        resolve_model(spec, &HubOptions::from_env()).map_err(agfsync_models::ModelError::from)?;
     tracing::info!("loading {}", src);
     let identity = agfsync_feedback::clip::model_identity(&src, &weight_files(src.root()));
     let sd = StableDiffusion::load(
