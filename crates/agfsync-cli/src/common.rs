@@ -1,6 +1,6 @@
 //! Pieces shared by the subcommands: logging, devices, dtypes, progress.
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -49,45 +49,20 @@ pub fn init_logging(verbose: u8, quiet: bool, file: Option<&std::path::Path>) {
         .try_init();
 }
 
-/// Parses `cpu`, `cuda` or `cuda:N`.
+/// Parses `cpu`, `cuda` or `cuda:N` (the pipeline's parser: one set of
+/// rules and messages for flags and agfsync.toml).
 pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        _ => {
-            let ordinal = match s.strip_prefix("cuda") {
-                Some("") => 0,
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .with_context(|| format!("invalid device `{s}`: use cpu, cuda or cuda:N"))?,
-                None => bail!("invalid device `{s}`: use cpu, cuda or cuda:N"),
-            };
-            if !candle_core::utils::cuda_is_available() {
-                bail!(
-                    "device `{s}` needs CUDA, but this agfsync was built without it: rebuild with `cargo build --release --features cuda`"
-                );
-            }
-            Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
-        }
-    }
+    Ok(agfsync_pipeline::run::parse_device(s)?)
 }
 
 /// Parses `f32`, `f16` or `bf16`.
 pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "fp16" | "float16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        _ => bail!("invalid dtype `{s}`: use f32, f16 or bf16"),
-    }
+    Ok(agfsync_pipeline::run::parse_dtype(s)?)
 }
 
 /// Refuses dtype/device pairs the backend cannot run.
 pub fn check_dtype_device(dtype: DType, device: &Device) -> Result<()> {
-    if dtype == DType::BF16 && device.is_cpu() {
-        bail!("--dtype bf16 needs a CUDA device: the CPU backend has no bf16 matrix products. Use --dtype f32 (or f16) on CPU");
-    }
-    Ok(())
+    Ok(agfsync_pipeline::run::check_dtype_device(dtype, device)?)
 }
 
 /// A progress bar on stderr (hidden when stderr is not a terminal).

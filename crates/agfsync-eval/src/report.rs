@@ -24,6 +24,9 @@ pub struct MetricSummary {
     pub version: String,
     /// Model -> mean over prompts.
     pub means: BTreeMap<String, f64>,
+    /// Model -> prompts scored.
+    #[serde(default)]
+    pub counts: BTreeMap<String, usize>,
     /// The paired comparison of the second model against the first.
     pub comparison: Option<PairedComparison>,
 }
@@ -489,6 +492,7 @@ mod tests {
             comparison: Some(
                 crate::stats::paired_bootstrap(&[1.0, 2.0], &[2.0, 3.0], 50, 0.95, 0).unwrap(),
             ),
+            ..MetricSummary::default()
         });
         r.tifa_by_type.insert(
             "base".into(),

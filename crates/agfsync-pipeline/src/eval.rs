@@ -194,6 +194,18 @@ pub(crate) fn eval_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageR
     }
     report.done += score_all(run, ctx, &bench, &items)?;
     let results = summarise(run, &bench, &items)?;
+    for m in &results.metrics {
+        for (model, mean) in &m.means {
+            run.store.set_evaluation(
+                &bench,
+                model,
+                &m.metric,
+                *mean,
+                &m.version,
+                &serde_json::json!({"n": m.counts.get(model)}),
+            )?;
+        }
+    }
     let path = run.store_dir.join("eval").join(&bench).join("results.json");
     write_file_atomic(
         &path,
@@ -326,51 +338,47 @@ fn score_all(
     let scorers = crate::stages::load_scorers_for(run, &metrics)?;
     let decode = DecodeOptions::default();
     ctx.progress.begin("eval score", todo.len() as u64);
+    // One batch per benchmark item: every model's image of that prompt,
+    // scored together against the item's prompt and questions.
+    let mut by_item: BTreeMap<i64, Vec<&EvalItemRecord>> = BTreeMap::new();
     for it in &todo {
+        by_item.entry(it.item).or_default().push(it);
+    }
+    for (item, group) in by_item {
         ctx.check_cancel()?;
-        let path = resolve_inside(&run.store_dir, &it.image)?;
-        let img = load_image(&path, &decode);
-        let item = items.get(it.item as usize);
-        let questions = item.map(|p| p.questions.clone()).unwrap_or_default();
+        let images = group
+            .iter()
+            .map(|it| {
+                let path = resolve_inside(&run.store_dir, &it.image)?;
+                let img = load_image(&path, &decode);
+                Ok((path, img))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let questions = items
+            .get(item as usize)
+            .map(|p| p.questions.clone())
+            .unwrap_or_default();
         let request = ScoreRequest {
-            prompt: &it.prompt,
+            prompt: &group[0].prompt,
             questions: &questions,
         };
-        let rep = score_loaded(&[(path, img)], &request, &scorers)
-            .into_iter()
-            .next()
-            .unwrap_or_default();
-        let rows: Vec<EvalScoreRecord> = scorers
-            .iter()
-            .map(|s| {
-                let m = s.name().to_string();
-                let error = rep
-                    .errors
-                    .get(&m)
-                    .or_else(|| rep.errors.get("image"))
-                    .cloned();
-                EvalScoreRecord {
+        let mut rows = Vec::new();
+        for (it, rep) in group.iter().zip(score_loaded(&images, &request, &scorers)) {
+            for o in crate::stages::metric_outcomes(&rep, &scorers) {
+                rows.push(EvalScoreRecord {
                     bench: bench.to_string(),
                     model: it.model.clone(),
-                    item: it.item,
-                    metric: m.clone(),
-                    value: if error.is_some() {
-                        None
-                    } else {
-                        rep.scores.get(&m).copied()
-                    },
-                    version: rep
-                        .versions
-                        .get(&m)
-                        .cloned()
-                        .unwrap_or_else(|| s.version().to_string()),
-                    details: rep.details.get(&m).cloned().unwrap_or_default(),
-                    error,
-                }
-            })
-            .collect();
+                    item,
+                    metric: o.metric,
+                    value: o.value,
+                    version: o.version,
+                    details: o.details,
+                    error: o.error,
+                });
+            }
+        }
         run.store.upsert_eval_scores(&rows)?;
-        ctx.progress.advance(1);
+        ctx.progress.advance(group.len() as u64);
     }
     ctx.progress.end();
     Ok(todo.len())
@@ -390,8 +398,8 @@ pub struct EvalResults {
     pub by_group: BTreeMap<String, BTreeMap<String, (f64, f64)>>,
 }
 
-/// Summarises the evaluation scores of a benchmark (and records the
-/// aggregates in the store's `evaluations` table).
+/// Summarises the evaluation scores of a benchmark (reads only; the eval
+/// stage records the aggregates in the store's `evaluations` table).
 pub fn summarise(run: &Run, bench: &str, items: &[EvalPrompt]) -> Result<EvalResults> {
     let scores = run.store.eval_scores(bench)?;
     let mut models: Vec<String> = Vec::new();
@@ -445,14 +453,7 @@ pub fn summarise(run: &Run, bench: &str, items: &[EvalPrompt]) -> Result<EvalRes
                 let v: Vec<f64> = vals.values().copied().collect();
                 let mean = agfsync_eval::stats::mean(&v);
                 summary.means.insert(model.clone(), mean);
-                run.store.set_evaluation(
-                    bench,
-                    model,
-                    m,
-                    mean,
-                    &summary.version,
-                    &serde_json::json!({"n": v.len()}),
-                )?;
+                summary.counts.insert(model.clone(), v.len());
                 // Per group (HPSv2 style): mean and spread over 10 chunks.
                 let mut groups: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
                 for (item, val) in vals {

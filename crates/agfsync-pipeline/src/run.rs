@@ -168,27 +168,38 @@ impl Run {
 
     /// The inference dtype of `[run] dtype`.
     pub fn dtype(&self) -> Result<DType> {
-        let dtype = match self.config.run.dtype.as_str() {
-            "f32" | "float32" => DType::F32,
-            "f16" | "fp16" | "float16" => DType::F16,
-            "bf16" | "bfloat16" => DType::BF16,
-            other => {
-                return Err(PipelineError::Config {
-                    path: self.root.join(CONFIG_FILE),
-                    reason: format!("run.dtype = `{other}`: use f32, f16 or bf16"),
-                })
-            }
+        let config = |e: PipelineError| PipelineError::Config {
+            path: self.root.join(CONFIG_FILE),
+            reason: format!("run.dtype: {e}"),
         };
-        if dtype == DType::BF16 && self.device()?.is_cpu() {
-            return Err(PipelineError::Config {
-                path: self.root.join(CONFIG_FILE),
-                reason: "run.dtype = bf16 needs a CUDA device: the CPU backend has no bf16 \
-                         matrix products; use f32 on CPU"
-                    .into(),
-            });
-        }
+        let dtype = parse_dtype(&self.config.run.dtype).map_err(config)?;
+        check_dtype_device(dtype, &self.device()?).map_err(config)?;
         Ok(dtype)
     }
+}
+
+/// Parses `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "fp16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => Err(PipelineError::Invalid(format!(
+            "invalid dtype `{s}`: use f32, f16 or bf16"
+        ))),
+    }
+}
+
+/// Refuses dtype/device pairs the backend cannot run.
+pub fn check_dtype_device(dtype: DType, device: &Device) -> Result<()> {
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(PipelineError::Invalid(
+            "dtype bf16 needs a CUDA device: the CPU backend has no bf16 matrix products; \
+             use f32 (or f16) on CPU"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Parses `cpu`, `cuda` or `cuda:N`.

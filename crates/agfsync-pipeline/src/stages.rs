@@ -777,6 +777,49 @@ fn to_question(q: &QuestionRecord) -> Question {
     }
 }
 
+/// One metric's result for one image, as the store records it.
+pub(crate) struct MetricOutcome {
+    pub metric: String,
+    pub value: Option<f64>,
+    pub version: String,
+    pub details: BTreeMap<String, f64>,
+    pub error: Option<String>,
+}
+
+/// Every scorer's outcome in an image's report: the value, or the error of
+/// the metric (or of decoding the image) with no value.
+pub(crate) fn metric_outcomes(
+    rep: &agfsync_feedback::score_images::ImageReport,
+    scorers: &[Box<dyn Scorer>],
+) -> Vec<MetricOutcome> {
+    scorers
+        .iter()
+        .map(|s| {
+            let metric = s.name().to_string();
+            let error = rep
+                .errors
+                .get(&metric)
+                .or_else(|| rep.errors.get("image"))
+                .cloned();
+            MetricOutcome {
+                value: if error.is_some() {
+                    None
+                } else {
+                    rep.scores.get(&metric).copied()
+                },
+                version: rep
+                    .versions
+                    .get(&metric)
+                    .cloned()
+                    .unwrap_or_else(|| s.version().to_string()),
+                details: rep.details.get(&metric).cloned().unwrap_or_default(),
+                metric,
+                error,
+            }
+        })
+        .collect()
+}
+
 fn score_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
     let prompts = run.store.prompts()?;
     let candidates = run.store.candidates(None)?;
@@ -847,29 +890,15 @@ fn score_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
         let reports = score_loaded(&images, &request, &scorers);
         let mut rows = Vec::new();
         for (c, rep) in cands.iter().zip(reports) {
-            for s in &scorers {
-                let m = s.name().to_string();
-                let error = rep
-                    .errors
-                    .get(&m)
-                    .or_else(|| rep.errors.get("image"))
-                    .cloned();
+            for o in metric_outcomes(&rep, &scorers) {
                 rows.push(ScoreRecord {
                     pid: c.pid.clone(),
                     idx: c.idx,
-                    metric: m.clone(),
-                    value: if error.is_some() {
-                        None
-                    } else {
-                        rep.scores.get(&m).copied()
-                    },
-                    version: rep
-                        .versions
-                        .get(&m)
-                        .cloned()
-                        .unwrap_or_else(|| s.version().to_string()),
-                    details: rep.details.get(&m).cloned().unwrap_or_default(),
-                    error,
+                    metric: o.metric,
+                    value: o.value,
+                    version: o.version,
+                    details: o.details,
+                    error: o.error,
                 });
             }
         }
@@ -885,30 +914,31 @@ fn score_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
 fn pairs_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
     let cfg = &run.config.pairs;
     let prompts = run.store.prompts()?;
-    let mut metrics: HashMap<(String, i64), CandidateMetrics> = HashMap::new();
+    // Candidates grouped by prompt once (candidates() is ordered by prompt
+    // and index), so the stage stays linear in the size of the run.
+    let mut by_prompt: HashMap<String, Vec<(i64, CandidateMetrics)>> = HashMap::new();
     for c in run.store.candidates(None)? {
-        metrics.insert((c.pid, c.idx), CandidateMetrics::new());
+        by_prompt
+            .entry(c.pid)
+            .or_default()
+            .push((c.idx, CandidateMetrics::new()));
     }
     for s in run.store.scores()? {
-        if let Some(m) = metrics.get_mut(&(s.pid.clone(), s.idx)) {
-            m.insert(s.metric, s.value);
+        if let Some(group) = by_prompt.get_mut(&s.pid) {
+            if let Some((_, m)) = group.iter_mut().find(|(i, _)| *i == s.idx) {
+                m.insert(s.metric, s.value);
+            }
         }
     }
     ctx.progress.begin("pairs", prompts.len() as u64);
     let mut records = Vec::new();
     for p in &prompts {
-        let mut cands: Vec<(i64, CandidateMetrics)> = metrics
-            .iter()
-            .filter(|((pid, _), _)| pid == &p.pid)
-            .map(|((_, idx), m)| (*idx, m.clone()))
-            .collect();
-        if cands.is_empty() {
+        let Some(cands) = by_prompt.get(&p.pid) else {
             continue;
-        }
-        cands.sort_by_key(|(i, _)| *i);
+        };
         records.push(choose_pair(
             &p.pid,
-            &cands,
+            cands,
             &cfg.weights,
             cfg.normalise,
             cfg.min_gap,

@@ -145,6 +145,12 @@ const MIGRATIONS: &[&str] = &[
     "#,
 ];
 
+const INSERT_PROMPT: &str = "INSERT OR IGNORE INTO prompts (pid, ord, category, text, source)
+     VALUES (?1, ?2, ?3, ?4, ?5)";
+
+const SET_META: &str = "INSERT INTO meta (key, value) VALUES (?1, ?2)
+     ON CONFLICT(key) DO UPDATE SET value = excluded.value";
+
 /// A prompt of the run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PromptRecord {
@@ -506,15 +512,16 @@ impl Store {
             .map_err(self.err())
     }
 
-    /// Writes `rows` with one prepared statement in one transaction (after
-    /// `before`, run in the same transaction when given). Returns the
-    /// number of rows changed.
+    /// Writes `rows` with one prepared statement in one transaction, with
+    /// the statements `before` and `after` (when given) in the same
+    /// transaction. Returns the number of rows changed.
     fn write_rows<T>(
         &mut self,
         before: Option<(&str, &[&dyn rusqlite::ToSql])>,
         sql: &str,
         rows: &[T],
         mut each: impl FnMut(&mut rusqlite::Statement<'_>, &T) -> rusqlite::Result<usize>,
+        after: Option<(&str, &[&dyn rusqlite::ToSql])>,
     ) -> Result<usize> {
         let path = self.db_path.clone();
         let e = |s| StoreError::sqlite(&path, s);
@@ -528,6 +535,9 @@ impl Store {
             for r in rows {
                 changed += each(&mut st, r).map_err(e)?;
             }
+        }
+        if let Some((sql, params)) = after {
+            tx.execute(sql, params).map_err(e)?;
         }
         tx.commit().map_err(e)?;
         Ok(changed)
@@ -580,11 +590,7 @@ impl Store {
     /// Writes a `meta` value.
     pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
         self.conn
-            .execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2)
-                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                params![key, value],
-            )
+            .execute(SET_META, params![key, value])
             .map(|_| ())
             .map_err(self.err())
     }
@@ -594,10 +600,10 @@ impl Store {
     pub fn insert_prompts(&mut self, prompts: &[PromptRecord]) -> Result<usize> {
         self.write_rows(
             None,
-            "INSERT OR IGNORE INTO prompts (pid, ord, category, text, source)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            INSERT_PROMPT,
             prompts,
             |st, p| st.execute(params![p.pid, p.ord, p.category, p.text, p.source]),
+            None,
         )
     }
 
@@ -610,31 +616,13 @@ impl Store {
         key: &str,
         value: &str,
     ) -> Result<usize> {
-        let path = self.db_path.clone();
-        let e = |s| StoreError::sqlite(&path, s);
-        let tx = self.conn.transaction().map_err(e)?;
-        let mut added = 0;
-        {
-            let mut st = tx
-                .prepare(
-                    "INSERT OR IGNORE INTO prompts (pid, ord, category, text, source)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )
-                .map_err(e)?;
-            for p in prompts {
-                added += st
-                    .execute(params![p.pid, p.ord, p.category, p.text, p.source])
-                    .map_err(e)?;
-            }
-        }
-        tx.execute(
-            "INSERT INTO meta (key, value) VALUES (?1, ?2)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![key, value],
+        self.write_rows(
+            None,
+            INSERT_PROMPT,
+            prompts,
+            |st, p| st.execute(params![p.pid, p.ord, p.category, p.text, p.source]),
+            Some((SET_META, &[&key, &value])),
         )
-        .map_err(e)?;
-        tx.commit().map_err(e)?;
-        Ok(added)
     }
 
     /// Every prompt, in prompt-set order.
@@ -662,19 +650,12 @@ impl Store {
         questions: &[QuestionRecord],
         source: &str,
     ) -> Result<()> {
-        let path = self.db_path.clone();
-        let e = |s| StoreError::sqlite(&path, s);
-        let tx = self.conn.transaction().map_err(e)?;
-        tx.execute("DELETE FROM questions WHERE pid = ?1", [pid])
-            .map_err(e)?;
-        {
-            let mut st = tx
-                .prepare(
-                    "INSERT INTO questions (pid, idx, question, choices, answer, element_type, element, source)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )
-                .map_err(e)?;
-            for q in questions {
+        self.write_rows(
+            Some(("DELETE FROM questions WHERE pid = ?1", &[&pid])),
+            "INSERT INTO questions (pid, idx, question, choices, answer, element_type, element, source)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            questions,
+            |st, q| {
                 st.execute(params![
                     pid,
                     q.idx,
@@ -685,16 +666,14 @@ impl Store {
                     q.element,
                     source
                 ])
-                .map_err(e)?;
-            }
-        }
-        tx.execute(
-            "INSERT INTO question_sets (pid, source) VALUES (?1, ?2)
-             ON CONFLICT(pid) DO UPDATE SET source = excluded.source",
-            params![pid, source],
+            },
+            Some((
+                "INSERT INTO question_sets (pid, source) VALUES (?1, ?2)
+                 ON CONFLICT(pid) DO UPDATE SET source = excluded.source",
+                &[&pid, &source],
+            )),
         )
-        .map_err(e)?;
-        tx.commit().map_err(e)
+        .map(|_| ())
     }
 
     /// Prompts that have a question set (possibly empty).
@@ -764,6 +743,7 @@ impl Store {
                     c.latents
                 ])
             },
+            None,
         )
         .map(|_| ())
     }
@@ -815,6 +795,7 @@ impl Store {
                     s.error
                 ])
             },
+            None,
         )
         .map(|_| ())
     }
@@ -859,6 +840,7 @@ impl Store {
                     p.reason.to_string()
                 ])
             },
+            None,
         )
         .map(|_| ())
     }
@@ -1038,6 +1020,7 @@ impl Store {
                     i.image
                 ])
             },
+            None,
         )
         .map(|_| ())
     }
@@ -1081,6 +1064,7 @@ impl Store {
                     s.error
                 ])
             },
+            None,
         )
         .map(|_| ())
     }
