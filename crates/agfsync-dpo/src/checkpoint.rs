@@ -171,7 +171,14 @@ pub struct CheckpointState {
 
 /// Config fields that may change on resume (they do not alter the steps
 /// already taken): extending a run, checkpoint frequency and retention.
-const RESUMABLE_CHANGES: [&str; 3] = ["steps", "checkpoint_every", "keep_checkpoints"];
+// Checkpointing only changes float summation order and memory use, so a run
+// may resume with it switched on or off.
+const RESUMABLE_CHANGES: [&str; 4] = [
+    "steps",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "gradient_checkpointing",
+];
 
 fn ck_err(path: &Path, reason: impl Into<String>) -> DpoError {
     DpoError::Checkpoint {

@@ -44,4 +44,6 @@ pub use checkpoint::ResumeFrom;
 pub use data::PairDataset;
 pub use error::DpoError;
 pub use pickapic::{import_parquet, ImportOptions, ImportReport};
-pub use trainer::{train, train_until, ModelSpec, StepMetrics, TrainConfig, TrainSummary, Trainer};
+pub use trainer::{
+    train, train_until, ModelSpec, StepMetrics, TrainConfig, TrainDtype, TrainSummary, Trainer,
+};

@@ -14,8 +14,11 @@ use std::time::Instant;
 
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{PredictionType, SchedulerConfig};
+use agfsync_models::grad_checkpoint::Tape;
 use agfsync_models::nn::{LoraAdapter, Pass};
-use agfsync_models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use agfsync_models::unet_2d_condition::{
+    AddedCondition, UNet2DConditionConfig, UNet2DConditionModel,
+};
 use agfsync_models::weights::open_safetensors;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
@@ -142,6 +145,55 @@ pub struct TrainConfig {
     /// Complete checkpoints to keep (default 2, at least 1).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// Recompute each UNet block's activations during the backward pass
+    /// instead of keeping them (default off): most of the activation memory
+    /// for about one extra forward pass of compute. Gradients are the same
+    /// up to float summation order.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// Precision of the UNet's forward and backward passes (default f32).
+    /// With bf16 or f16 the frozen weights are held in that precision, while
+    /// everything trained (adapters, or the full UNet's master weights), the
+    /// gradients, the optimizer state and the loss stay f32.
+    #[serde(default)]
+    pub dtype: TrainDtype,
+}
+
+/// Precision of the UNet during training ([`TrainConfig::dtype`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainDtype {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// bfloat16 compute with f32 master weights.
+    Bf16,
+    /// float16 compute with f32 master weights (prefer bf16: f16's range is
+    /// narrow for gradients).
+    F16,
+}
+
+impl TrainDtype {
+    /// The candle dtype of the UNet's compute.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::Bf16 => DType::BF16,
+            Self::F16 => DType::F16,
+        }
+    }
+
+    /// Parses `f32`, `bf16` or `f16`.
+    pub fn parse(s: &str) -> Result<Self, DpoError> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::Bf16),
+            "f16" | "float16" | "fp16" => Ok(Self::F16),
+            other => Err(DpoError::Config(format!(
+                "unknown training dtype `{other}`: use f32, bf16 or f16"
+            ))),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -164,6 +216,8 @@ impl Default for TrainConfig {
             seed: 0,
             checkpoint_every: default_checkpoint_every(),
             keep_checkpoints: default_keep(),
+            gradient_checkpointing: false,
+            dtype: TrainDtype::F32,
         }
     }
 }
@@ -317,7 +371,16 @@ impl ModelSpec {
 
     /// Loads the UNet from its files (memory-mapped, not trainable) as f32.
     pub fn load_unet(&self, device: &Device) -> Result<UNet2DConditionModel, DpoError> {
-        let vb = open_safetensors(&self.weights, DType::F32, device)?;
+        self.load_unet_as(device, DType::F32)
+    }
+
+    /// Loads the UNet from its files (not trainable) in `dtype`.
+    pub fn load_unet_as(
+        &self,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<UNet2DConditionModel, DpoError> {
+        let vb = open_safetensors(&self.weights, dtype, device)?;
         Ok(UNet2DConditionModel::new(&self.unet_config, vb)?)
     }
 }
@@ -387,9 +450,21 @@ pub struct Trainer {
     unet: UNet2DConditionModel,
     reference: Option<UNet2DConditionModel>,
     trainables: Vec<Trainable>,
+    /// Full training below f32: the master variables by checkpoint name,
+    /// from which a low-precision working UNet is cast at every step.
+    masters: Option<VarMap>,
     opt: AdamW,
     step: usize,
     data_pos: u64,
+}
+
+/// A UNet prediction on a gradient-checkpointing tape: the tape, the
+/// detached prediction it produced, and the leaf variable the loss is
+/// computed from (its gradient starts the tape's backward pass).
+struct TapedPred<'a> {
+    tape: Tape<'a>,
+    pred: Tensor,
+    leaf: Var,
 }
 
 fn matches_target(path: &str, target: &str) -> bool {
@@ -400,6 +475,8 @@ impl Trainer {
     /// Builds the model(s), the trainable variables and a fresh optimizer.
     pub fn new(spec: &ModelSpec, cfg: &TrainConfig, device: &Device) -> Result<Self, DpoError> {
         cfg.validate()?;
+        let low = cfg.dtype.dtype();
+        let mut masters = None;
         let (unet, reference, trainables) = if cfg.full {
             let mut tensors = std::collections::HashMap::new();
             for f in &spec.weights {
@@ -432,10 +509,16 @@ impl Trainer {
                 })
                 .collect();
             trainables.sort_by(|a, b| a.name.cmp(&b.name));
-            let reference = spec.load_unet(device)?;
+            let reference = spec.load_unet_as(device, low)?;
+            if low != DType::F32 {
+                masters = Some(vm);
+            }
             (unet, Some(reference), trainables)
         } else {
-            let unet = spec.load_unet(device)?;
+            // The frozen base weights in the compute precision; the adapters
+            // (f32 variables) are cast where they are applied, so their
+            // gradients arrive in f32.
+            let unet = spec.load_unet_as(device, low)?;
             let trainables = attach_lora(&unet, cfg, device)?;
             (unet, None, trainables)
         };
@@ -453,6 +536,7 @@ impl Trainer {
             unet,
             reference,
             trainables,
+            masters,
             opt,
             step: 0,
             data_pos: 0,
@@ -586,8 +670,60 @@ impl Trainer {
         Ok((ts, noise))
     }
 
-    /// Forward of one micro-batch: the loss and its metrics.
-    fn forward(&self, batch: &Batch, ts: &[u32], noise: &Tensor) -> Result<MicroOut, DpoError> {
+    /// The low-precision working copy of the full UNet for this step (cast
+    /// from the f32 master variables, so gradients reach the masters), or
+    /// `None` when the trained UNet itself is used.
+    fn working_unet(&self) -> Result<Option<UNet2DConditionModel>, DpoError> {
+        let Some(vm) = &self.masters else {
+            return Ok(None);
+        };
+        let low = self.cfg.dtype.dtype();
+        let data = vm
+            .data()
+            .lock()
+            .map_err(|_| DpoError::Config("variable map lock poisoned".into()))?;
+        let mut cast = std::collections::HashMap::with_capacity(data.len());
+        for (k, v) in data.iter() {
+            cast.insert(k.clone(), v.as_tensor().to_dtype(low)?);
+        }
+        drop(data);
+        let vb = VarBuilder::from_tensors(cast, low, &self.device);
+        Ok(Some(UNet2DConditionModel::new(&self.spec.unet_config, vb)?))
+    }
+
+    /// The trained model's prediction, in f32: through the ordinary graph,
+    /// or on a checkpointing tape (then the prediction is a leaf variable and
+    /// the tape is returned for the backward pass).
+    fn model_pred<'a>(
+        &self,
+        unet: &'a UNet2DConditionModel,
+        x: &Tensor,
+        t: &Tensor,
+        ehs: &Tensor,
+        added: Option<&AddedCondition>,
+    ) -> Result<(Tensor, Option<TapedPred<'a>>), DpoError> {
+        if !self.cfg.gradient_checkpointing {
+            let pred = unet.forward(x, t, ehs, added, Pass::TRAIN)?;
+            return Ok((pred.to_dtype(DType::F32)?, None));
+        }
+        let mut tape = Tape::new();
+        let pred = unet.forward_checkpointed(&mut tape, x, t, ehs, added, Pass::TRAIN)?;
+        let leaf = Var::from_tensor(&pred.to_dtype(DType::F32)?)?;
+        Ok((
+            leaf.as_tensor().clone(),
+            Some(TapedPred { tape, pred, leaf }),
+        ))
+    }
+
+    /// Forward of one micro-batch on `unet` (the trained UNet or its
+    /// working copy): the loss and its metrics.
+    fn forward<'a>(
+        &self,
+        unet: &'a UNet2DConditionModel,
+        batch: &Batch,
+        ts: &[u32],
+        noise: &Tensor,
+    ) -> Result<MicroOut<'a>, DpoError> {
         let b = ts.len();
         let abar: Vec<f64> = ts
             .iter()
@@ -598,13 +734,8 @@ impl Trainer {
         let tw = loss::training_target(target, &batch.latents_w, noise, &abar)?;
         let t_w = Tensor::from_vec(ts.to_vec(), b, &self.device)?;
         if self.cfg.sft {
-            let pred = self.unet.forward(
-                &xw,
-                &t_w,
-                &batch.prompt_embeds,
-                batch.added.as_ref(),
-                Pass::TRAIN,
-            )?;
+            let (pred, taped) =
+                self.model_pred(unet, &xw, &t_w, &batch.prompt_embeds, batch.added.as_ref())?;
             let l = loss::sft_loss(&pred, &tw)?;
             let v = f64::from(l.to_dtype(DType::F32)?.to_scalar::<f32>()?);
             return Ok(MicroOut {
@@ -614,6 +745,7 @@ impl Trainer {
                 margin: None,
                 model_loss: v,
                 ref_loss: None,
+                taped,
             });
         }
         let xl = loss::noisy_latents(&batch.latents_l, noise, &abar)?;
@@ -621,12 +753,11 @@ impl Trainer {
         let x = Tensor::cat(&[&xw, &xl], 0)?;
         let t2 = Tensor::cat(&[&t_w, &t_w], 0)?;
         let (ehs, added) = batch.doubled_condition()?;
-        let pred = self
-            .unet
-            .forward(&x, &t2, &ehs, added.as_ref(), Pass::TRAIN)?;
+        let (pred, taped) = self.model_pred(unet, &x, &t2, &ehs, added.as_ref())?;
         let reference = self.reference.as_ref().unwrap_or(&self.unet);
         let rpred = reference
             .forward(&x, &t2, &ehs, added.as_ref(), REFERENCE_PASS)?
+            .to_dtype(DType::F32)?
             .detach();
         let out = loss::dpo_loss(
             &pred.narrow(0, 0, b)?,
@@ -645,6 +776,7 @@ impl Trainer {
             margin: Some(out.reward_margin),
             model_loss: out.model_loss,
             ref_loss: Some(out.ref_loss),
+            taped,
         })
     }
 
@@ -660,21 +792,36 @@ impl Trainer {
         let (mut loss_sum, mut model_sum) = (0.0, 0.0);
         let (mut acc_sum, mut margin_sum, mut ref_sum) = (0.0, 0.0, 0.0);
         let mut dpo = false;
+        let working = self.working_unet()?;
+        let unet = working.as_ref().unwrap_or(&self.unet);
+        let params: Vec<&Tensor> = self.trainables.iter().map(|t| t.var.as_tensor()).collect();
         for micro in 0..accum {
             let counter = (self.step * accum + micro) as u64;
             let idx = data.indices(self.cfg.seed, pos, bs);
             pos += bs as u64;
             let batch = data.batch(&idx, &self.device, DType::F32)?;
             let (ts, noise) = self.draw(counter, bs, data.latent_shape())?;
-            let out = self.forward(&batch, &ts, &noise)?;
+            let out = self.forward(unet, &batch, &ts, &noise)?;
             if !out.loss_value.is_finite() {
                 return Err(self.non_finite("loss", out.loss_value));
             }
-            let scaled = (out.loss / accum as f64)?;
+            let scaled = (&out.loss / accum as f64)?;
             let g = scaled.backward()?;
-            for (slot, t) in grads.iter_mut().zip(&self.trainables) {
-                if let Some(gr) = g.get(t.var.as_tensor()) {
-                    let gr = gr.detach();
+            let micro_grads: Vec<Option<Tensor>> = match &out.taped {
+                None => params.iter().map(|p| g.get(p).cloned()).collect(),
+                Some(taped) => {
+                    let Some(gp) = g.get(taped.leaf.as_tensor()) else {
+                        return Err(DpoError::Config(
+                            "checkpointing: the loss does not depend on the prediction".into(),
+                        ));
+                    };
+                    taped.tape.backward(&taped.pred, gp, &params)?
+                }
+            };
+            for (slot, gr) in grads.iter_mut().zip(micro_grads) {
+                if let Some(gr) = gr {
+                    // Master weights are f32 whatever the compute precision.
+                    let gr = gr.detach().to_dtype(DType::F32)?;
                     *slot = Some(match slot.take() {
                         Some(prev) => (prev + gr)?,
                         None => gr,
@@ -752,6 +899,8 @@ impl Trainer {
         seed: u64,
     ) -> Result<EvalMetrics, DpoError> {
         let mut insides = Vec::new();
+        let working = self.working_unet()?;
+        let unet = working.as_ref().unwrap_or(&self.unet);
         for (k, &i) in indices.iter().enumerate() {
             let batch = data.batch(&[i], &self.device, DType::F32)?;
             for d in 0..draws {
@@ -769,11 +918,13 @@ impl Trainer {
                 let x = Tensor::cat(&[&xw, &xl], 0)?;
                 let ts = Tensor::new(&[t, t], &self.device)?;
                 let (ehs, added) = batch.doubled_condition()?;
-                let pred = self
-                    .unet
-                    .forward(&x, &ts, &ehs, added.as_ref(), Pass::INFERENCE)?;
+                let pred = unet
+                    .forward(&x, &ts, &ehs, added.as_ref(), Pass::INFERENCE)?
+                    .to_dtype(DType::F32)?;
                 let reference = self.reference.as_ref().unwrap_or(&self.unet);
-                let rpred = reference.forward(&x, &ts, &ehs, added.as_ref(), Pass::REFERENCE)?;
+                let rpred = reference
+                    .forward(&x, &ts, &ehs, added.as_ref(), Pass::REFERENCE)?
+                    .to_dtype(DType::F32)?;
                 let out = loss::dpo_loss(
                     &pred.narrow(0, 0, 1)?,
                     &pred.narrow(0, 1, 1)?,
@@ -839,13 +990,14 @@ pub struct EvalMetrics {
     pub samples: usize,
 }
 
-struct MicroOut {
+struct MicroOut<'a> {
     loss: Tensor,
     loss_value: f64,
     acc: Option<f64>,
     margin: Option<f64>,
     model_loss: f64,
     ref_loss: Option<f64>,
+    taped: Option<TapedPred<'a>>,
 }
 
 /// Creates PEFT-initialised adapter variables (`lora_A`: uniform in

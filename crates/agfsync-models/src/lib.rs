@@ -12,6 +12,7 @@ pub mod bert;
 pub mod clip_text;
 pub mod clip_tokenizer;
 pub mod error;
+pub mod grad_checkpoint;
 pub mod hub;
 pub mod llama;
 pub mod lora;

@@ -289,6 +289,32 @@ impl Linear {
     }
 }
 
+/// A 2-D convolution. candle's CPU convolution has no bf16 kernel (its
+/// matrix product does, by widening), so bf16 on the CPU is widened to f32
+/// and narrowed back here; other dtypes and devices convolve directly.
+fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if x.dtype() == DType::BF16 && x.device().is_cpu() {
+        let y = x
+            .to_dtype(DType::F32)?
+            .conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
+        return y.to_dtype(DType::BF16);
+    }
+    x.conv2d(w, padding, stride, 1, 1)
+}
+
+/// Nearest-neighbour upsampling of `[b, c, h, w]` to `[b, c, th, tw]`.
+/// candle computes this op's gradient with a convolution, which has no bf16
+/// kernel on the CPU, so bf16 on the CPU is upsampled in f32.
+pub fn upsample_nearest2d(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    if x.dtype() == DType::BF16 && x.device().is_cpu() {
+        return x
+            .to_dtype(DType::F32)?
+            .upsample_nearest2d(th, tw)?
+            .to_dtype(DType::BF16);
+    }
+    x.upsample_nearest2d(th, tw)
+}
+
 /// `x W^T` for `x` of shape `[..., in]` and `w` of shape `[out, in]`, as one
 /// matrix product over the flattened leading dimensions.
 fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -372,7 +398,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let kernel = self.weight();
         let w = pass.weight(&kernel);
-        let mut y = x.conv2d(&w, self.padding, self.stride, 1, 1)?;
+        let mut y = conv2d(x, &w, self.padding, self.stride)?;
         if let Some(b) = &self.bias {
             let b = pass.weight(b).reshape((1, (), 1, 1))?;
             y = y.broadcast_add(&b)?;
@@ -388,8 +414,8 @@ impl Conv2d {
                         .reshape((rank, in_c, kh, kw))?;
                     let up = pass.weight(&a.up).to_dtype(x.dtype())?;
                     let up = up.reshape((up.dim(0)?, rank, 1, 1))?;
-                    let h = x.conv2d(&down, self.padding, self.stride, 1, 1)?;
-                    let h = h.conv2d(&up, 0, 1, 1, 1)?;
+                    let h = conv2d(x, &down, self.padding, self.stride)?;
+                    let h = conv2d(&h, &up, 0, 1)?;
                     y = (y + (h * a.scale)?)?;
                 }
             }

@@ -15,9 +15,10 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use crate::grad_checkpoint::{Direct, Exec, Tape};
 use crate::nn::{
-    attention, merge_heads, split_heads, Activation, Conv2d, GroupNorm, LayerNorm, Linear,
-    LoraRegistry, Pass,
+    attention, merge_heads, split_heads, upsample_nearest2d, Activation, Conv2d, GroupNorm,
+    LayerNorm, Linear, LoraRegistry, Pass,
 };
 
 /// A config value that diffusers allows either as one number for every block
@@ -923,6 +924,46 @@ impl UNet2DConditionModel {
         added: Option<&AddedCondition>,
         pass: Pass,
     ) -> Result<Tensor> {
+        self.forward_with(
+            &mut Direct,
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            added,
+            pass,
+        )
+    }
+
+    /// [`UNet2DConditionModel::forward`] with activation checkpointing: every
+    /// ResNet, transformer, resampling and embedding unit is recorded on
+    /// `tape`, which keeps only the units' outputs. The returned prediction
+    /// is detached; [`Tape::backward`] with the loss gradient of it yields the
+    /// parameter gradients, re-running each unit once (about one extra
+    /// forward of compute for most of the activation memory).
+    pub fn forward_checkpointed<'a>(
+        &'a self,
+        tape: &mut Tape<'a>,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCondition>,
+        pass: Pass,
+    ) -> Result<Tensor> {
+        self.forward_with(tape, sample, timesteps, encoder_hidden_states, added, pass)
+    }
+
+    /// The forward pass, unit by unit through `exec`. Everything that depends
+    /// on a parameter happens inside a unit, so a [`Tape`] sees every path a
+    /// gradient takes.
+    fn forward_with<'a, E: Exec<'a>>(
+        &'a self,
+        exec: &mut E,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&AddedCondition>,
+        pass: Pass,
+    ) -> Result<Tensor> {
         let (b, c, h, w) = sample.dims4()?;
         if c != self.config.in_channels {
             candle_core::bail!(
@@ -951,53 +992,87 @@ impl UNet2DConditionModel {
             self.config.freq_shift,
         )?
         .to_dtype(self.dtype)?;
-        let mut emb = self.time_embedding.forward(&t_emb, pass)?;
-        if let Some(add) = &self.add_embedding {
-            let Some(cond) = added else {
-                candle_core::bail!(
-                    "unet: this is an SDXL-style UNet (addition_embed_type text_time); it needs text_embeds and time_ids"
-                );
-            };
-            let dim = self.config.addition_time_embed_dim.unwrap_or(256);
-            let ids = cond.time_ids.flatten_all()?;
-            let t = timestep_embedding(
-                &ids,
-                dim,
-                self.config.flip_sin_to_cos,
-                self.config.freq_shift,
-            )?
-            .reshape((b, ()))?
-            .to_dtype(self.dtype)?;
-            let add_in = Tensor::cat(&[cond.text_embeds.to_dtype(self.dtype)?, t], D::Minus1)?;
-            emb = (emb + add.forward(&add_in, pass)?)?;
-        }
+        // The parameter-free inputs of the added embedding (SDXL), computed
+        // outside the units.
+        let add_in = match &self.add_embedding {
+            Some(_) => {
+                let Some(cond) = added else {
+                    candle_core::bail!(
+                        "unet: this is an SDXL-style UNet (addition_embed_type text_time); it needs text_embeds and time_ids"
+                    );
+                };
+                let dim = self.config.addition_time_embed_dim.unwrap_or(256);
+                let ids = cond.time_ids.flatten_all()?;
+                let t = timestep_embedding(
+                    &ids,
+                    dim,
+                    self.config.flip_sin_to_cos,
+                    self.config.freq_shift,
+                )?
+                .reshape((b, ()))?
+                .to_dtype(self.dtype)?;
+                Some(Tensor::cat(
+                    &[cond.text_embeds.to_dtype(self.dtype)?, t],
+                    D::Minus1,
+                )?)
+            }
+            None => None,
+        };
+        let emb = {
+            let te = &self.time_embedding;
+            match (&self.add_embedding, &add_in) {
+                (Some(add), Some(add_in)) => exec.unit(
+                    &[&t_emb, add_in],
+                    Box::new(move |t| te.forward(&t[0], pass)? + add.forward(&t[1], pass)?),
+                )?,
+                _ => exec.unit(&[&t_emb], Box::new(move |t| te.forward(&t[0], pass)))?,
+            }
+        };
         let ehs = encoder_hidden_states.to_dtype(self.dtype)?;
         let sample = if self.config.center_input_sample {
             ((sample * 2.0)? - 1.0)?
         } else {
             sample.clone()
         };
+        let sample = sample.to_dtype(self.dtype)?;
 
-        let mut x = self.conv_in.forward(&sample.to_dtype(self.dtype)?, pass)?;
+        let conv_in = &self.conv_in;
+        let mut x = exec.unit(&[&sample], Box::new(move |t| conv_in.forward(&t[0], pass)))?;
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
             for (j, resnet) in block.resnets.iter().enumerate() {
-                x = resnet.forward(&x, Some(&emb), pass)?;
+                x = exec.unit(
+                    &[&x, &emb],
+                    Box::new(move |t| resnet.forward(&t[0], Some(&t[1]), pass)),
+                )?;
                 if let Some(attn) = block.attentions.get(j) {
-                    x = attn.forward(&x, &ehs, pass)?;
+                    x = exec.unit(
+                        &[&x, &ehs],
+                        Box::new(move |t| attn.forward(&t[0], &t[1], pass)),
+                    )?;
                 }
                 skips.push(x.clone());
             }
             if let Some(down) = &block.downsampler {
-                x = down.forward(&x, pass)?;
+                x = exec.unit(&[&x], Box::new(move |t| down.forward(&t[0], pass)))?;
                 skips.push(x.clone());
             }
         }
         if let Some(mid) = &self.mid_block {
-            x = mid.resnet_0.forward(&x, Some(&emb), pass)?;
+            let r0 = &mid.resnet_0;
+            x = exec.unit(
+                &[&x, &emb],
+                Box::new(move |t| r0.forward(&t[0], Some(&t[1]), pass)),
+            )?;
             for (attn, resnet) in mid.attentions.iter().zip(&mid.resnets) {
-                x = attn.forward(&x, &ehs, pass)?;
-                x = resnet.forward(&x, Some(&emb), pass)?;
+                x = exec.unit(
+                    &[&x, &ehs],
+                    Box::new(move |t| attn.forward(&t[0], &t[1], pass)),
+                )?;
+                x = exec.unit(
+                    &[&x, &emb],
+                    Box::new(move |t| resnet.forward(&t[0], Some(&t[1]), pass)),
+                )?;
             }
         }
         for block in &self.up_blocks {
@@ -1005,10 +1080,18 @@ impl UNet2DConditionModel {
                 let Some(skip) = skips.pop() else {
                     candle_core::bail!("unet: skip connections exhausted (inconsistent config)");
                 };
-                x = Tensor::cat(&[&x, &skip], 1)?;
-                x = resnet.forward(&x, Some(&emb), pass)?;
+                x = exec.unit(
+                    &[&x, &skip, &emb],
+                    Box::new(move |t| {
+                        let x = Tensor::cat(&[&t[0], &t[1]], 1)?;
+                        resnet.forward(&x, Some(&t[2]), pass)
+                    }),
+                )?;
                 if let Some(attn) = block.attentions.get(j) {
-                    x = attn.forward(&x, &ehs, pass)?;
+                    x = exec.unit(
+                        &[&x, &ehs],
+                        Box::new(move |t| attn.forward(&t[0], &t[1], pass)),
+                    )?;
                 }
             }
             if let Some(up) = &block.upsampler {
@@ -1018,12 +1101,20 @@ impl UNet2DConditionModel {
                     Some(s) => (s.dim(2)?, s.dim(3)?),
                     None => (x.dim(2)? * 2, x.dim(3)? * 2),
                 };
-                x = x.upsample_nearest2d(th, tw)?;
-                x = up.forward(&x, pass)?;
+                x = exec.unit(
+                    &[&x],
+                    Box::new(move |t| up.forward(&upsample_nearest2d(&t[0], th, tw)?, pass)),
+                )?;
             }
         }
-        let x = self.act.forward(&self.conv_norm_out.forward(&x, pass)?)?;
-        let out = self.conv_out.forward(&x, pass)?;
+        let (norm, act, conv_out) = (&self.conv_norm_out, self.act, &self.conv_out);
+        let out = exec.unit(
+            &[&x],
+            Box::new(move |t| {
+                let x = act.forward(&norm.forward(&t[0], pass)?)?;
+                conv_out.forward(&x, pass)
+            }),
+        )?;
         debug_assert_eq!(out.dims4()?, (b, self.config.out_channels, h, w));
         Ok(out)
     }

@@ -367,6 +367,12 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     /// Checkpoint every N steps.
     pub checkpoint_every: usize,
+    /// Recompute UNet activations in the backward pass (less memory, about
+    /// a third more compute).
+    pub gradient_checkpointing: bool,
+    /// UNet compute precision: `f32`, `bf16` or `f16` (trained weights,
+    /// gradients and optimizer state stay f32).
+    pub dtype: String,
 }
 
 impl Default for TrainSection {
@@ -384,6 +390,8 @@ impl Default for TrainSection {
             warmup_steps: 0,
             max_grad_norm: 1.0,
             checkpoint_every: 250,
+            gradient_checkpointing: false,
+            dtype: "f32".into(),
         }
     }
 }

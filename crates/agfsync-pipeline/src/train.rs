@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use agfsync_diffusion::pipeline::{encode_prompts, Negative, XlSizes};
 use agfsync_dpo::data::{AddedCond, PairDataset};
 use agfsync_dpo::optim::LrScheduler;
-use agfsync_dpo::{train_until, DpoError, ModelSpec, ResumeFrom, TrainConfig};
+use agfsync_dpo::{train_until, DpoError, ModelSpec, ResumeFrom, TrainConfig, TrainDtype};
 use agfsync_models::hub::{resolve_model, HubOptions};
 use agfsync_models::stable_diffusion::{LoadOptions, SdFamily, StableDiffusion};
 use agfsync_store::{CandidateRecord, TrainingRecord};
@@ -49,6 +49,9 @@ pub fn train_config(run: &Run) -> Result<TrainConfig> {
         max_grad_norm: t.max_grad_norm,
         seed: run.config.run.seed,
         checkpoint_every: t.checkpoint_every,
+        gradient_checkpointing: t.gradient_checkpointing,
+        dtype: TrainDtype::parse(&t.dtype)
+            .map_err(|e| PipelineError::Invalid(format!("train.dtype: {e}")))?,
         ..TrainConfig::default()
     };
     cfg.validate()?;
