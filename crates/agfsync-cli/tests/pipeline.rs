@@ -606,7 +606,7 @@ fn a_model_evaluated_against_its_own_copy_shows_no_difference() -> Result<()> {
     let text = std::fs::read_to_string(&cfg)?
         .replace(
             "models = [\"base\", \"tuned\"]",
-            "models = [\"base\", \"copy=models/tiny-sd15\"]",
+            "models = [\"base\", \"copy=models/tiny-sd15\", \"unet=models/tiny-sd15/unet\"]",
         )
         .replace(
             "metrics = [\"clip\", \"aesthetic\", \"vqa\", \"hps\"]\nresamples",
@@ -625,12 +625,50 @@ fn a_model_evaluated_against_its_own_copy_shows_no_difference() -> Result<()> {
         assert_eq!(c["mean_diff"], 0.0, "{m}");
         assert_eq!(c["win_rate"], 0.5, "{m}");
         assert_eq!(m["means"]["base"], m["means"]["copy"], "{m}");
+        // The base's own UNet folder swapped into the base pipeline.
+        assert_eq!(m["means"]["base"], m["means"]["unet"], "{m}");
     }
     // A model path that does not exist is named.
-    let text = std::fs::read_to_string(&cfg)?.replace("models/tiny-sd15\"]", "models/nope\"]");
+    let text = std::fs::read_to_string(&cfg)?.replace("models/tiny-sd15/unet\"]", "models/nope\"]");
     std::fs::write(&cfg, text)?;
     let out = agfsync(&["eval", s(&dir)])?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("models/nope"));
+    Ok(())
+}
+
+#[test]
+fn a_fully_fine_tuned_unet_is_evaluated_as_tuned() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("full");
+    init_small(&dir)?;
+    let cfg = dir.join("agfsync.toml");
+    let text = std::fs::read_to_string(&cfg)?
+        .replace("lora_rank = 4\n", "full = true\n")
+        .replace(
+            "metrics = [\"clip\", \"aesthetic\", \"vqa\", \"hps\"]\nresamples",
+            "metrics = [\"clip\"]\nresamples",
+        );
+    assert!(text.contains("full = true"), "no [train] section to edit");
+    std::fs::write(&cfg, text)?;
+    ok(&agfsync(&["run", s(&dir)])?)?;
+    let results: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.join("eval/builtin/results.json"),
+    )?)?;
+    let m = &results["metrics"][0];
+    assert_eq!(m["metric"], "clip", "{m}");
+    assert_eq!(m["counts"]["tuned"], 3, "{m}");
+    assert_eq!(m["comparison"]["n"], 3, "{m}");
+    // The tuned images come from the trained UNet, not the base one.
+    let store = Store::open(&dir)?;
+    let items = store.eval_items("builtin")?;
+    let image = |model: &str| -> Result<Vec<u8>> {
+        let it = items
+            .iter()
+            .find(|i| i.model == model && i.item == 0)
+            .context("no eval item")?;
+        Ok(std::fs::read(dir.join(&it.image))?)
+    };
+    assert_ne!(image("base")?, image("tuned")?);
     Ok(())
 }

@@ -292,20 +292,101 @@ impl Linear {
 /// A 2-D convolution. candle's CPU convolution has no bf16 kernel (its
 /// matrix product does, by widening), so bf16 on the CPU is widened to f32
 /// and narrowed back here; other dtypes and devices convolve directly.
-fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+///
+/// On a differentiable CPU pass the convolution is written as patches and one
+/// matrix product ([`conv2d_unfolded`]): candle's CPU backward of its fused
+/// convolution runs a direct-loop transposed convolution for the input
+/// gradient and, even for frozen kernels, a convolution with the whole
+/// output gradient as the kernel for the weight gradient, which together
+/// made a LoRA training step many times slower than its forward pass.
+fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    differentiable: bool,
+) -> Result<Tensor> {
     if x.dtype() == DType::BF16 && x.device().is_cpu() {
-        let y = x
-            .to_dtype(DType::F32)?
-            .conv2d(&w.to_dtype(DType::F32)?, padding, stride, 1, 1)?;
+        let y = conv2d(
+            &x.to_dtype(DType::F32)?,
+            &w.to_dtype(DType::F32)?,
+            padding,
+            stride,
+            differentiable,
+        )?;
         return y.to_dtype(DType::BF16);
     }
+    if differentiable && x.device().is_cpu() {
+        return conv2d_unfolded(x, w, padding, stride);
+    }
     x.conv2d(w, padding, stride, 1, 1)
+}
+
+/// A convolution (no dilation, one group) as explicit patches and a matrix
+/// product: `W [o, c*kh*kw] @ cols [b, c*kh*kw, oh*ow]`. Every op in it has
+/// a cheap backward in candle (slices, stacking, matrix products).
+pub fn conv2d_unfolded(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (b, c, h, wd) = x.dims4()?;
+    let (o, ci, kh, kw) = w.dims4()?;
+    if ci != c {
+        candle_core::bail!("conv2d: input has {c} channels, the kernel expects {ci}");
+    }
+    if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
+        candle_core::bail!(
+            "conv2d: a {kh}x{kw} kernel (stride {stride}, padding {padding}) does not fit a {h}x{wd} input"
+        );
+    }
+    let oh = (h + 2 * padding - kh) / stride + 1;
+    let ow = (wd + 2 * padding - kw) / stride + 1;
+    let cols = if kh == 1 && kw == 1 && padding == 0 && stride == 1 {
+        x.reshape((b, c, h * wd))?
+    } else {
+        // Pad so that every window's strided slice (`stride * oh` rows from
+        // row `ky`) lies inside the tensor; the extra rows are never read.
+        let extra_h = (kh - 1 + stride * oh).saturating_sub(h + 2 * padding);
+        let extra_w = (kw - 1 + stride * ow).saturating_sub(wd + 2 * padding);
+        let xp = x
+            .pad_with_zeros(2, padding, padding + extra_h)?
+            .pad_with_zeros(3, padding, padding + extra_w)?;
+        let mut taps = Vec::with_capacity(kh * kw);
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let mut t = xp.narrow(2, ky, stride * oh)?.narrow(3, kx, stride * ow)?;
+                if stride > 1 {
+                    t = t
+                        .reshape((b, c, oh, stride, ow, stride))?
+                        .narrow(3, 0, 1)?
+                        .narrow(5, 0, 1)?
+                        .reshape((b, c, oh, ow))?;
+                }
+                taps.push(t);
+            }
+        }
+        // [b, c, kh*kw, oh, ow]: the column order of `w`'s rows, (c, ky, kx).
+        Tensor::stack(&taps, 2)?.reshape((b, c * kh * kw, oh * ow))?
+    };
+    let w2 = w.reshape((o, c * kh * kw))?;
+    let y = w2.broadcast_matmul(&cols)?;
+    y.reshape((b, o, oh, ow))
 }
 
 /// Nearest-neighbour upsampling of `[b, c, h, w]` to `[b, c, th, tw]`.
 /// candle computes this op's gradient with a convolution, which has no bf16
 /// kernel on the CPU, so bf16 on the CPU is upsampled in f32.
+///
+/// An integer, equal scale on both axes (the UNet's 2x) is written as a
+/// broadcast and a reshape instead, whose gradient is a plain sum: candle
+/// computes the op's gradient with a grouped convolution, one small
+/// convolution per channel on the CPU.
 pub fn upsample_nearest2d(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if h > 0 && w > 0 && th % h == 0 && tw % w == 0 && th / h == tw / w {
+        let s = th / h;
+        return x
+            .reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, s, w, s))?
+            .reshape((b, c, th, tw));
+    }
     if x.dtype() == DType::BF16 && x.device().is_cpu() {
         return x
             .to_dtype(DType::F32)?
@@ -398,7 +479,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let kernel = self.weight();
         let w = pass.weight(&kernel);
-        let mut y = conv2d(x, &w, self.padding, self.stride)?;
+        let mut y = conv2d(x, &w, self.padding, self.stride, pass.differentiable)?;
         if let Some(b) = &self.bias {
             let b = pass.weight(b).reshape((1, (), 1, 1))?;
             y = y.broadcast_add(&b)?;
@@ -414,8 +495,8 @@ impl Conv2d {
                         .reshape((rank, in_c, kh, kw))?;
                     let up = pass.weight(&a.up).to_dtype(x.dtype())?;
                     let up = up.reshape((up.dim(0)?, rank, 1, 1))?;
-                    let h = conv2d(x, &down, self.padding, self.stride)?;
-                    let h = conv2d(&h, &up, 0, 1)?;
+                    let h = conv2d(x, &down, self.padding, self.stride, pass.differentiable)?;
+                    let h = conv2d(&h, &up, 0, 1, pass.differentiable)?;
                     y = (y + (h * a.scale)?)?;
                 }
             }
@@ -626,4 +707,68 @@ pub fn merge_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     x.reshape((bh / heads, heads, n, d))?
         .transpose(1, 2)?
         .reshape((bh / heads, n, heads * d))
+}
+
+#[cfg(test)]
+mod conv_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+    }
+
+    /// The unfolded convolution equals candle's in value and in both
+    /// gradients, for every kernel shape the UNet and VAE use.
+    #[test]
+    fn unfolded_conv_matches_candle_values_and_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(k, pad, stride, h, w) in &[
+            (3, 1, 1, 6, 5),
+            (3, 1, 2, 8, 8),
+            (3, 1, 2, 7, 5),
+            (3, 0, 2, 9, 9),
+            (1, 0, 1, 4, 3),
+        ] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev)?)?;
+            let kern = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, k, k), &dev)?)?;
+            let want = x.as_tensor().conv2d(kern.as_tensor(), pad, stride, 1, 1)?;
+            let got = conv2d_unfolded(x.as_tensor(), kern.as_tensor(), pad, stride)?;
+            assert_eq!(want.dims(), got.dims(), "k{k} p{pad} s{stride} {h}x{w}");
+            assert!(max_diff(&want, &got)? < 1e-4, "values, k{k} s{stride}");
+            // A loss that weighs every output differently.
+            let wts = Tensor::randn(0f32, 1.0, want.shape(), &dev)?;
+            let g1 = (want * &wts)?.sum_all()?.backward()?;
+            let g2 = (got * &wts)?.sum_all()?.backward()?;
+            for v in [&x, &kern] {
+                let (Some(a), Some(b)) = (g1.get(v.as_tensor()), g2.get(v.as_tensor())) else {
+                    panic!("missing gradient");
+                };
+                assert!(max_diff(a, b)? < 1e-3, "gradient, k{k} s{stride}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn broadcast_upsample_matches_candle_values_and_gradient() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev)?)?;
+        let want = x.as_tensor().upsample_nearest2d(8, 10)?;
+        let got = upsample_nearest2d(x.as_tensor(), 8, 10)?;
+        assert_eq!(max_diff(&want, &got)?, 0.0);
+        let wts = Tensor::randn(0f32, 1.0, want.shape(), &dev)?;
+        let g1 = (want * &wts)?.sum_all()?.backward()?;
+        let g2 = (got * &wts)?.sum_all()?.backward()?;
+        let (Some(a), Some(b)) = (g1.get(x.as_tensor()), g2.get(x.as_tensor())) else {
+            panic!("missing gradient");
+        };
+        assert!(max_diff(a, b)? < 1e-5);
+        // Non-integer factors still work (the UNet's odd-sized latents).
+        assert_eq!(
+            upsample_nearest2d(x.as_tensor(), 7, 9)?.dims(),
+            &[2, 3, 7, 9]
+        );
+        Ok(())
+    }
 }

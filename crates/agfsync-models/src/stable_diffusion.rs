@@ -223,6 +223,61 @@ impl StableDiffusion {
     }
 }
 
+impl StableDiffusion {
+    /// Replaces the UNet with the one in a diffusers `unet/` folder
+    /// (`config.json` and `diffusion_pytorch_model*.safetensors`), such as
+    /// the result of `agfsync train --full`: the fine-tuned UNet with the
+    /// pipeline's own text encoders, VAE and scheduler. The new UNet must
+    /// take the same inputs (latent channels, text width, SDXL's added
+    /// conditioning); what differs is named.
+    pub fn replace_unet(&mut self, unet_dir: &std::path::Path, opts: &LoadOptions) -> Result<()> {
+        let cfg_path = unet_dir.join("config.json");
+        let cfg: UNet2DConditionConfig = read_json(&cfg_path, "UNet config")?;
+        let (now, new) = (
+            serde_json::to_value(self.unet.config()).unwrap_or_default(),
+            serde_json::to_value(&cfg).unwrap_or_default(),
+        );
+        let differs: Vec<String> = [
+            "in_channels",
+            "out_channels",
+            "cross_attention_dim",
+            "addition_embed_type",
+            "projection_class_embeddings_input_dim",
+        ]
+        .iter()
+        .filter(|k| now.get(**k) != new.get(**k))
+        .map(|k| {
+            format!(
+                "{k} is {} in the pipeline but {} in this UNet",
+                now.get(*k).cloned().unwrap_or_default(),
+                new.get(*k).cloned().unwrap_or_default()
+            )
+        })
+        .collect();
+        if !differs.is_empty() {
+            return Err(ModelError::Unsupported(format!(
+                "{}: this UNet does not fit the pipeline {}: {}",
+                unet_dir.display(),
+                self.source,
+                differs.join("; ")
+            )));
+        }
+        let files = find_weights(
+            &ModelSource::local(unet_dir),
+            "",
+            "diffusion_pytorch_model",
+            None,
+        )?;
+        let vb = open_safetensors(&files, opts.dtype, &opts.device)?;
+        self.unet = UNet2DConditionModel::new(&cfg, vb).map_err(|source| ModelError::Build {
+            component: "unet".into(),
+            dir: unet_dir.to_path_buf(),
+            source: Box::new(source),
+        })?;
+        Ok(())
+    }
+}
+
 fn parent(p: &std::path::Path) -> PathBuf {
     p.parent().map(PathBuf::from).unwrap_or_default()
 }

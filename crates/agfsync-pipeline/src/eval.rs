@@ -134,13 +134,12 @@ fn models(run: &Run, notes: &mut Vec<String>) -> Result<Vec<(String, Option<Path
                     .find(|t| t.name == "dpo" && t.status == "done")
                     .and_then(|t| t.result);
                 match trained {
+                    // A LoRA file, or the `unet/` folder of a full run.
                     Some(rel) => {
                         let p = resolve_inside(&run.store_dir, &rel)?;
-                        if !p.is_file() {
+                        if !p.exists() {
                             return Err(PipelineError::Invalid(format!(
-                                "{}: the training result is not a LoRA file (full-UNet results \
-                                 are not evaluated yet); evaluate it with `agfsync sample` and \
-                                 `score-images`",
+                                "{}: the training result is missing; rerun `agfsync train`",
                                 p.display()
                             )));
                         }
@@ -158,8 +157,8 @@ fn models(run: &Run, notes: &mut Vec<String>) -> Result<Vec<(String, Option<Path
                 let p = run.root.join(path.trim());
                 if !p.exists() {
                     return Err(PipelineError::Invalid(format!(
-                        "eval.models: {} (model `{name}`) does not exist: give a LoRA file or a \
-                         diffusers pipeline folder, relative to the run",
+                        "eval.models: {} (model `{name}`) does not exist: give a LoRA file, a \
+                         diffusers pipeline folder or a UNet folder, relative to the run",
                         p.display()
                     )));
                 }
@@ -238,12 +237,22 @@ fn generate_model(
     if todo.is_empty() {
         return Ok(0);
     }
-    // A folder is a whole diffusers pipeline (for example a merged or
-    // fully fine-tuned model); a file is a LoRA on the base model.
-    let (sd, _) = match lora {
-        Some(dir) if dir.is_dir() => crate::stages::load_sd_from(run, &dir.display().to_string())?,
-        _ => crate::stages::load_sd_for(run)?,
+    // A folder with model_index.json is a whole diffusers pipeline (for
+    // example a merged model); another folder is a UNet (a full DPO run's
+    // `unet/`) swapped into the base pipeline; a file is a LoRA on the base.
+    let pipeline_dir = lora.filter(|p| p.join("model_index.json").is_file());
+    let (mut sd, _) = match pipeline_dir {
+        Some(dir) => crate::stages::load_sd_from(run, &dir.display().to_string())?,
+        None => crate::stages::load_sd_for(run)?,
     };
+    if let Some(dir) = lora.filter(|p| p.is_dir() && pipeline_dir.is_none()) {
+        let opts = agfsync_models::stable_diffusion::LoadOptions {
+            dtype: run.dtype()?,
+            device: run.device()?,
+            variant: None,
+        };
+        sd.replace_unet(dir, &opts)?;
+    }
     if let Some(path) = lora.filter(|p| p.is_file()) {
         let file = LoraFile::load(path)?;
         apply_lora(&file, &LoraTargets::of(&sd), "tuned", 1.0, LoraMode::Merge)
