@@ -104,7 +104,10 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` as `apply_chat_template(messages,
-    /// add_generation_prompt=..., tokenize=False)` does.
+    /// add_generation_prompt=..., tokenize=False, enable_thinking=False)`
+    /// does. `enable_thinking` is for Qwen3's templates, which otherwise
+    /// open a reasoning block before the answer; authoring wants the JSON
+    /// answer alone, and other templates ignore the variable.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
         let template = self
             .env
@@ -114,6 +117,7 @@ impl ChatTemplate {
             .render(minijinja::context! {
                 messages => JValue::from_serialize(messages),
                 add_generation_prompt => add_generation_prompt,
+                enable_thinking => false,
             })
             .map_err(|e| template_error(&e))
     }
@@ -349,14 +353,17 @@ impl LocalLlm {
         let raw_config = read_json(&config_path, &location)?;
         if let Some(archs) = raw_config.get("architectures").and_then(Value::as_array) {
             let names: Vec<&str> = archs.iter().filter_map(Value::as_str).collect();
-            if !names
-                .iter()
-                .any(|a| matches!(*a, "LlamaForCausalLM" | "Qwen2ForCausalLM"))
-            {
+            if !names.iter().any(|a| {
+                matches!(
+                    *a,
+                    "LlamaForCausalLM" | "Qwen2ForCausalLM" | "Qwen3ForCausalLM"
+                )
+            }) {
                 return Err(load_err(format!(
                     "config.json declares {names:?}; the in-process backend runs \
-                     LlamaForCausalLM and Qwen2ForCausalLM models (Qwen2.5, Llama 3, ...); \
-                     serve other models with vLLM or llama.cpp and use the HTTP backend"
+                     LlamaForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM models (Qwen2.5, \
+                     Qwen3, Llama 3, ...); serve other models with vLLM or llama.cpp and use \
+                     the HTTP backend"
                 )));
             }
         }
@@ -990,6 +997,26 @@ pub fn write_tiny_qwen2(dir: &Path, seed: u64) -> Result<()> {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+
+    #[test]
+    fn qwen3_templates_render_without_thinking() -> Result<()> {
+        // The tail of Qwen3's template: with enable_thinking false it closes
+        // an empty reasoning block so the model answers at once.
+        let t = ChatTemplate::new(
+            "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' + m.content + \
+             '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}\
+             {{- '<|im_start|>assistant\\n' }}\
+             {%- if enable_thinking is defined and enable_thinking is false %}\
+             {{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}",
+            &[],
+        )?;
+        let out = t.render(&[crate::llm::Message::user("hi")], true)?;
+        assert!(
+            out.ends_with("<|im_start|>assistant\n<think>\n\n</think>\n\n"),
+            "{out:?}"
+        );
+        Ok(())
+    }
 
     #[test]
     fn byte_level_alphabet_is_gpt2s() {

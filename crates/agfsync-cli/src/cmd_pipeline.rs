@@ -326,13 +326,18 @@ pub fn status(t: &RunTarget) -> Result<()> {
 pub fn merge(a: &MergeArgs) -> Result<()> {
     let rep = ops::merge(&a.out, &a.shards)?;
     eprintln!(
-        "merged {} store(s): {} prompts, {} candidates, {} scores added; run `agfsync pairs {}` next",
-        rep.shards,
-        rep.prompts,
-        rep.candidates,
-        rep.scores,
-        a.out.display()
+        "merged {} store(s): {} prompts, {} candidates, {} scores, {} evaluation images and {} \
+         evaluation scores added",
+        rep.shards, rep.prompts, rep.candidates, rep.scores, rep.eval_items, rep.eval_scores,
     );
+    if rep.eval_items > 0 {
+        eprintln!(
+            "run `agfsync eval {}` for the evaluation summary",
+            a.out.display()
+        );
+    } else {
+        eprintln!("run `agfsync pairs {}` next", a.out.display());
+    }
     Ok(())
 }
 

@@ -207,6 +207,37 @@ fn two_shards_merged_equal_one_unsharded_run() -> Result<()> {
     ])?)?;
     ok(&agfsync(&["pairs", s(&dir)])?)?;
     assert_eq!(fingerprint(&dir, false)?, fingerprint(&reference, false)?);
+
+    // Evaluation in shards too: the shards above already evaluated `base`
+    // (no training yet, so `tuned` was left out); after training on the
+    // merged run, each shard evaluates `tuned` on its items, and the merged
+    // summary equals the unsharded run's, number for number.
+    ok(&agfsync(&["train", s(&dir)])?)?;
+    for shard in ["0/2", "1/2"] {
+        ok(&agfsync(&["eval", s(&dir), "--shard", shard])?)?;
+    }
+    let out = agfsync(&[
+        "merge",
+        s(&dir),
+        s(&dir.join("shards/0-of-2")),
+        s(&dir.join("shards/1-of-2")),
+    ])?;
+    ok(&out)?;
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("evaluation images"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&agfsync(&["eval", s(&dir)])?)?;
+    let results = |d: &Path| -> Result<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+            d.join("eval/builtin/results.json"),
+        )?)?;
+        Ok(v["metrics"].clone())
+    };
+    let (mine, theirs) = (results(&dir)?, results(&reference)?);
+    assert!(mine.as_array().is_some_and(|m| !m.is_empty()));
+    assert_eq!(mine, theirs);
     Ok(())
 }
 

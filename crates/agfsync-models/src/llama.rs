@@ -2,11 +2,15 @@
 //! (Touvron et al., "LLaMA: Open and Efficient Foundation Language Models",
 //! 2023; "Llama 2", 2023), the Vicuna LM inside LLaVA-1.5, and Qwen2 /
 //! Qwen2.5 (Qwen Team, "Qwen2 Technical Report", 2024), which is the same
-//! network with biases on the q/k/v projections.
+//! network with biases on the q/k/v projections, and Qwen3 (Qwen Team,
+//! "Qwen3 Technical Report", 2025): no q/k/v biases, an RMSNorm over each
+//! query and key head before RoPE (`q_norm`, `k_norm`), and a head width
+//! set apart from `hidden_size / num_attention_heads`.
 //!
 //! Reference: transformers 5.24 `models/llama/modeling_llama.py`
-//! (`LlamaForCausalLM`) and `models/qwen2/modeling_qwen2.py`
-//! (`Qwen2ForCausalLM`). Tensor names are the checkpoints':
+//! (`LlamaForCausalLM`), `models/qwen2/modeling_qwen2.py`
+//! (`Qwen2ForCausalLM`) and `models/qwen3/modeling_qwen3.py`
+//! (`Qwen3ForCausalLM`; `self_attn.{q,k}_norm.weight`). Tensor names are the checkpoints':
 //! `model.embed_tokens.weight`, `model.layers.N.self_attn.{q,k,v,o}_proj`,
 //! `model.layers.N.mlp.{gate,up,down}_proj`,
 //! `model.layers.N.{input,post_attention}_layernorm.weight`,
@@ -37,7 +41,8 @@ use crate::nn::{Activation, Linear, Pass};
 /// the `model_type`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LlamaConfig {
-    /// `llama` or `qwen2` (decides defaults and the q/k/v biases).
+    /// `llama`, `qwen2` or `qwen3` (decides defaults, the q/k/v biases and
+    /// the per-head query/key norms).
     pub model_type: String,
     /// Vocabulary size (rows of the embedding and the head).
     pub vocab_size: usize,
@@ -68,6 +73,8 @@ pub struct LlamaConfig {
     pub o_bias: bool,
     /// Biases on the MLP projections (Llama's `mlp_bias`).
     pub mlp_bias: bool,
+    /// RMSNorm over each query and key head before RoPE (Qwen3).
+    pub qk_norm: bool,
     /// The MLP activation (`silu`).
     pub hidden_act: String,
     /// End-of-sequence token ids from the config, if any.
@@ -97,10 +104,13 @@ impl LlamaConfig {
             .and_then(Value::as_str)
             .unwrap_or("llama")
             .to_string();
-        let qwen2 = model_type == "qwen2";
-        if !matches!(model_type.as_str(), "llama" | "qwen2") {
+        let qwen3 = model_type == "qwen3";
+        // Qwen2 and Qwen3 share transformers' vocabulary, size and token
+        // defaults; they differ in biases and the per-head norms.
+        let qwen2 = model_type == "qwen2" || qwen3;
+        if !matches!(model_type.as_str(), "llama" | "qwen2" | "qwen3") {
             return Err(format!(
-                "model_type `{model_type}` is not a supported decoder (llama, qwen2)"
+                "model_type `{model_type}` is not a supported decoder (llama, qwen2, qwen3)"
             ));
         }
         if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
@@ -151,7 +161,15 @@ impl LlamaConfig {
                  num_key_value_heads {num_key_value_heads}"
             ));
         }
-        let head_dim = uint("head_dim", hidden_size / num_attention_heads)?;
+        // Qwen3Config's head_dim defaults to 128 whatever the width.
+        let head_dim = uint(
+            "head_dim",
+            if qwen3 {
+                128
+            } else {
+                hidden_size / num_attention_heads
+            },
+        )?;
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(format!("head_dim {head_dim} must be even and positive"));
         }
@@ -207,9 +225,10 @@ impl LlamaConfig {
             rope_theta,
             max_position_embeddings: uint("max_position_embeddings", d_maxpos)?,
             tie_word_embeddings: boolean("tie_word_embeddings", false)?,
-            qkv_bias: qwen2 || attention_bias,
+            qkv_bias: (qwen2 && !qwen3) || attention_bias,
             o_bias: attention_bias,
             mlp_bias: boolean("mlp_bias", false)?,
+            qk_norm: qwen3,
             hidden_act: v
                 .get("hidden_act")
                 .and_then(Value::as_str)
@@ -248,6 +267,9 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3's per-head norms of the queries and keys.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
@@ -406,6 +428,14 @@ impl CausalLm {
                 k_proj: Linear::new(h, kv, qkv_bias, av.pp("k_proj"))?,
                 v_proj: Linear::new(h, kv, qkv_bias, av.pp("v_proj"))?,
                 o_proj: Linear::new(q, h, o_bias, av.pp("o_proj"))?,
+                q_norm: cfg
+                    .qk_norm
+                    .then(|| RmsNorm::new(cfg.head_dim, cfg.rms_norm_eps, av.pp("q_norm")))
+                    .transpose()?,
+                k_norm: cfg
+                    .qk_norm
+                    .then(|| RmsNorm::new(cfg.head_dim, cfg.rms_norm_eps, av.pp("k_norm")))
+                    .transpose()?,
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_key_value_heads,
                 head_dim: cfg.head_dim,
@@ -691,6 +721,16 @@ impl Attention {
         let q = shape(self.q_proj.forward(x, p)?, self.heads)?;
         let k = shape(self.k_proj.forward(x, p)?, self.kv_heads)?;
         let v = shape(self.v_proj.forward(x, p)?, self.kv_heads)?;
+        // Qwen3 normalises every head over its width (the last axis in
+        // either layout) before the rotation.
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k)?,
+            None => k,
+        };
         // Llama's rotate-half RoPE (not the interleaved variant).
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;

@@ -293,12 +293,11 @@ impl Linear {
 /// matrix product does, by widening), so bf16 on the CPU is widened to f32
 /// and narrowed back here; other dtypes and devices convolve directly.
 ///
-/// On a differentiable CPU pass the convolution is written as patches and one
-/// matrix product ([`conv2d_unfolded`]): candle's CPU backward of its fused
-/// convolution runs a direct-loop transposed convolution for the input
-/// gradient and, even for frozen kernels, a convolution with the whole
-/// output gradient as the kernel for the weight gradient, which together
-/// made a LoRA training step many times slower than its forward pass.
+/// On a differentiable pass, a strided convolution whose height and width
+/// leave different remainders (a 9x8 input at stride 2, say) runs as
+/// patches and a matrix product ([`conv2d_unfolded`]): candle's backward of
+/// its own convolution derives the transposed convolution's output padding
+/// from the height alone and fails on such inputs.
 fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -316,8 +315,16 @@ fn conv2d(
         )?;
         return y.to_dtype(DType::BF16);
     }
-    if differentiable && x.device().is_cpu() {
-        return conv2d_unfolded(x, w, padding, stride);
+    if differentiable && stride > 1 {
+        let (_, _, h, wd) = x.dims4()?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let rest = |n: usize, k: usize| {
+            let out = (n + 2 * padding).saturating_sub(k) / stride + 1;
+            n as i64 - ((out as i64 - 1) * stride as i64 + k as i64 - 2 * padding as i64)
+        };
+        if rest(h, kh) != rest(wd, kw) {
+            return conv2d_unfolded(x, w, padding, stride);
+        }
     }
     x.conv2d(w, padding, stride, 1, 1)
 }
@@ -719,7 +726,8 @@ mod conv_tests {
     }
 
     /// The unfolded convolution equals candle's in value and in both
-    /// gradients, for every kernel shape the UNet and VAE use.
+    /// gradients, for every kernel shape the UNet and VAE use (on inputs
+    /// where candle's own backward works).
     #[test]
     fn unfolded_conv_matches_candle_values_and_gradients() -> Result<()> {
         let dev = Device::Cpu;
@@ -747,6 +755,34 @@ mod conv_tests {
                 assert!(max_diff(a, b)? < 1e-3, "gradient, k{k} s{stride}");
             }
         }
+        Ok(())
+    }
+
+    /// Regression: candle's backward of a stride-2 convolution fails when
+    /// height and width leave different remainders; the layer's convolution
+    /// takes the unfolded path there and yields the right gradient (checked
+    /// against the same input transposed, which candle handles).
+    #[test]
+    fn stride2_conv_backward_on_odd_by_even_input() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (1, 2, 9, 8), &dev)?)?;
+        let k = Tensor::randn(0f32, 1.0, (3, 2, 3, 3), &dev)?;
+        let y = conv2d(x.as_tensor(), &k, 0, 2, true)?;
+        let g = y.sqr()?.sum_all()?.backward()?;
+        let Some(gx) = g.get(x.as_tensor()) else {
+            panic!("no input gradient");
+        };
+        assert_eq!(gx.dims(), &[1, 2, 9, 8]);
+        // Zero-pad the width to 9 and drop the extra output column: candle's
+        // own backward then works and must agree.
+        let x9 = Var::from_tensor(&x.as_tensor().pad_with_zeros(3, 0, 1)?)?;
+        let y9 = x9.as_tensor().conv2d(&k, 0, 2, 1, 1)?.narrow(3, 0, 3)?;
+        assert!(max_diff(&y9, &y)? < 1e-4);
+        let g9 = y9.sqr()?.sum_all()?.backward()?;
+        let Some(gx9) = g9.get(x9.as_tensor()) else {
+            panic!("no input gradient");
+        };
+        assert!(max_diff(&gx9.narrow(3, 0, 8)?, gx)? < 1e-3);
         Ok(())
     }
 

@@ -4,7 +4,10 @@
 //! grouped-query attention, and the Llama LM inside a tiny random
 //! `LlavaForConditionalGeneration`). Logits of every position, greedy
 //! continuations, left-padded batches and cached (incremental) decoding
-//! must all reproduce the unpadded, uncached references.
+//! must all reproduce the unpadded, uncached references. A tiny random
+//! `Qwen3ForCausalLM` (per-head query/key norms, no biases, its own head
+//! width) is under fixtures/parity/qwen3, from
+//! tools/parity/make_qwen3_fixtures.py.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -154,6 +157,43 @@ fn qwen2_logits_match_transformers() -> Result<()> {
     assert!(single < 1e-4, "{single}");
     assert!(padded < 1e-4, "{padded}");
     assert!(incremental < 1e-4, "{incremental}");
+    Ok(())
+}
+
+#[test]
+fn qwen3_logits_and_greedy_match_transformers() -> Result<()> {
+    let root = root().join("../qwen3");
+    let t = candle_core::safetensors::load(root.join("ref.safetensors"), &Device::Cpu)?;
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("ref.json"))?)?;
+    let dir = root.join("tiny-qwen3");
+    let cfg = LlamaConfig::from_json(&std::fs::read_to_string(dir.join("config.json"))?)
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(cfg.model_type, "qwen3");
+    assert!(cfg.qk_norm && !cfg.qkv_bias && !cfg.tie_word_embeddings);
+    // head_dim 12 is not hidden_size / heads (32 / 4).
+    assert_eq!(cfg.head_dim, 12);
+    let vb = open_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)?;
+    let lm = CausalLm::new_causal_lm(&cfg, vb)?;
+    let sequences = seqs(&j["sequences"])?;
+    let single = check_logits(&lm, &sequences, "logits", &t)?;
+    let padded = check_padded_batch(&lm, &sequences, "logits", &t)?;
+    let incremental = check_incremental(&lm, &sequences[2], &t["logits.2"])?;
+    eprintln!("qwen3 max |logit diff|: single {single:e}, padded batch {padded:e}, incremental {incremental:e}");
+    assert!(single < 1e-4, "{single}");
+    assert!(padded < 1e-4, "{padded}");
+    assert!(incremental < 1e-4, "{incremental}");
+    for (k, s) in sequences.iter().enumerate() {
+        let want: Vec<u32> = j["greedy"][k.to_string()]
+            .as_array()
+            .context("greedy")?
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect();
+        let mut cache = KvCache::new();
+        let (got, _) = lm.generate_greedy(LmInput::Ids(&ids(s)?), None, &mut cache, 6, &[])?;
+        assert_eq!(got[0], want, "continuation of {s:?}");
+    }
     Ok(())
 }
 

@@ -127,8 +127,16 @@ fn models(run: &Run, notes: &mut Vec<String>) -> Result<Vec<(String, Option<Path
         match spec.as_str() {
             "base" => out.push(("base".to_string(), None)),
             "tuned" => {
-                let trained = run
-                    .store
+                // Training runs on the whole run: a shard finds its result
+                // in the run's own store.
+                let root_store;
+                let (store, store_dir) = if run.shard == crate::Shard::ALL {
+                    (&run.store, run.store_dir.as_path())
+                } else {
+                    root_store = agfsync_store::Store::open(&run.root)?;
+                    (&root_store, run.root.as_path())
+                };
+                let trained = store
                     .trainings()?
                     .into_iter()
                     .find(|t| t.name == "dpo" && t.status == "done")
@@ -136,7 +144,7 @@ fn models(run: &Run, notes: &mut Vec<String>) -> Result<Vec<(String, Option<Path
                 match trained {
                     // A LoRA file, or the `unet/` folder of a full run.
                     Some(rel) => {
-                        let p = resolve_inside(&run.store_dir, &rel)?;
+                        let p = resolve_inside(store_dir, &rel)?;
                         if !p.exists() {
                             return Err(PipelineError::Invalid(format!(
                                 "{}: the training result is missing; rerun `agfsync train`",
@@ -180,18 +188,28 @@ pub(crate) fn eval_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageR
         report.notes.push("eval.enabled = false: skipped".into());
         return Ok(report);
     }
-    if run.shard != crate::Shard::ALL {
-        report
-            .notes
-            .push("evaluation runs on the merged run, not per shard".into());
-        return Ok(report);
-    }
     let (bench, items) = benchmark(run)?;
     let models = models(run, &mut report.notes)?;
+    // A shard generates and scores its share of the items (the same
+    // item-to-shard rule as for prompts); the summary needs every item, so
+    // it waits for `agfsync merge` and an `agfsync eval` on the whole run.
+    let owned: Vec<usize> = (0..items.len())
+        .filter(|&i| run.shard.owns(i as i64))
+        .collect();
     for (name, lora) in &models {
-        report.done += generate_model(run, ctx, &bench, &items, name, lora.as_deref())?;
+        report.done += generate_model(run, ctx, &bench, &items, &owned, name, lora.as_deref())?;
     }
     report.done += score_all(run, ctx, &bench, &items)?;
+    if run.shard != crate::Shard::ALL {
+        report.notes.push(format!(
+            "shard {}: {} of {} items evaluated; merge the shards (`agfsync merge`) and run \
+             `agfsync eval` on the whole run for the summary",
+            run.shard,
+            owned.len(),
+            items.len()
+        ));
+        return Ok(report);
+    }
     let results = summarise(run, &bench, &items)?;
     for m in &results.metrics {
         for (model, mean) in &m.means {
@@ -221,6 +239,7 @@ fn generate_model(
     ctx: &StageContext<'_>,
     bench: &str,
     items: &[EvalPrompt],
+    owned: &[usize],
     model: &str,
     lora: Option<&std::path::Path>,
 ) -> Result<usize> {
@@ -231,7 +250,9 @@ fn generate_model(
         .filter(|i| i.model == model)
         .map(|i| i.item)
         .collect();
-    let todo: Vec<usize> = (0..items.len())
+    let todo: Vec<usize> = owned
+        .iter()
+        .copied()
         .filter(|i| !have.contains(&(*i as i64)))
         .collect();
     if todo.is_empty() {
@@ -266,8 +287,14 @@ fn generate_model(
     ctx.progress
         .begin(&format!("eval {model}"), todo.len() as u64);
     let mut done = 0;
-    for batch in todo.chunks(g.batch_size) {
+    for real in todo.chunks(g.batch_size) {
         ctx.check_cancel()?;
+        // Every batch runs at the configured size (the last one padded by
+        // repeating its last item, dropped afterwards), so that an image's
+        // pixels do not depend on which items share its batch: shards and
+        // resumed runs give the same images as one uninterrupted run.
+        let mut batch = real.to_vec();
+        batch.resize(g.batch_size.max(real.len()), real[real.len() - 1]);
         let texts: Vec<String> = batch.iter().map(|&i| items[i].prompt.clone()).collect();
         let neg = if g.guidance_scale > 1.0 {
             Negative::Default
@@ -293,6 +320,7 @@ fn generate_model(
             .map_err(PipelineError::candle("images"))?
             .into_iter()
             .enumerate()
+            .take(real.len())
         {
             let i = batch[j];
             let rel = format!("eval/{bench}/{model}/{i:05}.png");

@@ -127,6 +127,10 @@ pub struct MergeReport {
     pub candidates: usize,
     /// Score rows added.
     pub scores: usize,
+    /// Evaluation images added.
+    pub eval_items: usize,
+    /// Evaluation score rows added.
+    pub eval_scores: usize,
 }
 
 /// Merges shard stores (directories holding an `agfsync.db`) into the run at
@@ -155,6 +159,8 @@ pub fn merge(out: &Path, shards: &[PathBuf]) -> Result<MergeReport> {
         report.prompts += n.prompts;
         report.candidates += n.candidates;
         report.scores += n.scores;
+        report.eval_items += n.eval_items;
+        report.eval_scores += n.eval_scores;
     }
     Ok(report)
 }

@@ -351,6 +351,10 @@ pub struct MergeCounts {
     pub candidates: usize,
     /// Score rows added.
     pub scores: usize,
+    /// Evaluation images added.
+    pub eval_items: usize,
+    /// Evaluation score rows added.
+    pub eval_scores: usize,
 }
 
 /// An open run store.
@@ -999,7 +1003,66 @@ impl Store {
             .collect();
         counts.scores = new_scores.len();
         self.upsert_scores(&new_scores)?;
+        self.merge_evaluations_from(other, &mut counts)?;
         Ok(counts)
+    }
+
+    /// Names of the benchmarks with evaluation images.
+    pub fn eval_benches(&self) -> Result<Vec<String>> {
+        self.query(
+            "SELECT DISTINCT bench FROM eval_items ORDER BY bench",
+            [],
+            |r| r.get(0),
+        )
+    }
+
+    /// The evaluation part of [`Store::merge_from`]: a shard's evaluation
+    /// images (files first, then rows) and their scores. An item both
+    /// stores hold must be the same (same prompt, seed and image path).
+    fn merge_evaluations_from(&mut self, other: &Store, counts: &mut MergeCounts) -> Result<()> {
+        for bench in other.eval_benches()? {
+            let mine: BTreeMap<(String, i64), EvalItemRecord> = self
+                .eval_items(&bench)?
+                .into_iter()
+                .map(|i| ((i.model.clone(), i.item), i))
+                .collect();
+            let mut new_items = Vec::new();
+            for it in other.eval_items(&bench)? {
+                if let Some(m) = mine.get(&(it.model.clone(), it.item)) {
+                    if *m != it {
+                        return Err(StoreError::Invalid(format!(
+                            "{}: evaluation item {} of model `{}` on `{bench}` differs from the \
+                             one in {}; merge only shards of one run config",
+                            other.dir.display(),
+                            it.item,
+                            it.model,
+                            self.dir.display()
+                        )));
+                    }
+                    continue;
+                }
+                let from = resolve_inside(&other.dir, &it.image)?;
+                let to = resolve_inside(&self.dir, &it.image)?;
+                let bytes = std::fs::read(&from).map_err(|e| StoreError::io(&from, e))?;
+                write_file_atomic(&to, &bytes)?;
+                new_items.push(it);
+            }
+            counts.eval_items += new_items.len();
+            self.insert_eval_items(&new_items)?;
+            let have: HashSet<(String, i64, String)> = self
+                .eval_scores(&bench)?
+                .into_iter()
+                .map(|s| (s.model, s.item, s.metric))
+                .collect();
+            let new_scores: Vec<EvalScoreRecord> = other
+                .eval_scores(&bench)?
+                .into_iter()
+                .filter(|s| !have.contains(&(s.model.clone(), s.item, s.metric.clone())))
+                .collect();
+            counts.eval_scores += new_scores.len();
+            self.upsert_eval_scores(&new_scores)?;
+        }
+        Ok(())
     }
 
     /// Records evaluation images (one transaction).
