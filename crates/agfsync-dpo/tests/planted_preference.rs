@@ -52,6 +52,39 @@ fn denoised_channel0(
     Ok(out)
 }
 
+/// Mean of channel 0 of latents sampled with 20 DDIM steps (no guidance)
+/// from seeded noise, conditioned on the held-out prompts, with adapters on
+/// (tuned) or off (base): the same seeds for both.
+fn sampled_channel0(trainer: &Trainer, data: &PairDataset, adapters: bool) -> Result<f64> {
+    let dev = Device::Cpu;
+    let sched_cfg = agfsync_diffusion::schedulers::SchedulerConfig::from_json_str(
+        &agfsync_models::tiny::tiny_scheduler_config(TinyPreset::Sd15).to_string(),
+    )?;
+    let mut sched = agfsync_diffusion::schedulers::build(
+        agfsync_diffusion::schedulers::SchedulerKind::Ddim,
+        &sched_cfg,
+    )?;
+    sched.set_timesteps(20)?;
+    let n = data.len();
+    let mut g = Generator::new(31);
+    let mut x = (g.randn((n, 4, 8, 8), DType::F32, &dev)? * sched.init_noise_sigma())?;
+    let pass = if adapters {
+        Pass::INFERENCE
+    } else {
+        Pass::REFERENCE
+    };
+    let steps = sched.timesteps().to_vec();
+    for (i, &t) in steps.iter().enumerate() {
+        let inp = sched.scale_model_input(&x, i)?;
+        let tt = Tensor::from_vec(vec![t as f32; n], n, &dev)?;
+        let eps = trainer
+            .unet()
+            .forward(&inp, &tt, &data.prompt_embeds, None, pass)?;
+        x = sched.step(&eps, i, &x, &mut g)?;
+    }
+    Ok(x.i((.., 0))?.mean_all()?.to_scalar::<f32>()? as f64)
+}
+
 #[test]
 fn planted_preference_is_learned() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -102,6 +135,14 @@ fn planted_preference_is_learned() -> Result<()> {
     assert!(
         mean(&tuned_c0) > mean(&base_c0) + 0.01,
         "x0 channel 0: base {base_c0:?}, tuned {tuned_c0:?}"
+    );
+    // Whole samples, same seeds: the tuned model's latents are redder.
+    let base_sample = sampled_channel0(&trainer, &held_out, false)?;
+    let tuned_sample = sampled_channel0(&trainer, &held_out, true)?;
+    eprintln!("sampled channel 0: base {base_sample}, tuned {tuned_sample}");
+    assert!(
+        tuned_sample > base_sample + 0.01,
+        "sampled channel 0: base {base_sample}, tuned {tuned_sample}"
     );
     Ok(())
 }
