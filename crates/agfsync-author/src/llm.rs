@@ -130,13 +130,21 @@ pub trait Llm: Send + Sync {
     fn max_concurrency(&self) -> usize {
         1
     }
+
+    /// Answers every request, in request order, one failure not stopping
+    /// the others. By default at most [`Llm::max_concurrency`] requests run
+    /// at once on std threads ([`chat_many_with`]); a backend that can
+    /// answer several requests in one computation (the in-process model's
+    /// padded batches) overrides it.
+    fn chat_batch(&self, requests: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        chat_many_with(self, requests, self.max_concurrency())
+    }
 }
 
-/// Answers every request, at most `llm.max_concurrency()` at once on std
-/// threads; results come back in request order. One failed request does
-/// not stop the others.
+/// Answers every request through [`Llm::chat_batch`]; results come back
+/// in request order. One failed request does not stop the others.
 pub fn chat_many<L: Llm + ?Sized>(llm: &L, requests: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
-    chat_many_with(llm, requests, llm.max_concurrency())
+    llm.chat_batch(requests)
 }
 
 /// [`chat_many`] with an explicit bound on requests in flight (at least 1).

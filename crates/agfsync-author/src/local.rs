@@ -44,8 +44,8 @@ pub struct LocalLlmOptions {
     pub dtype: DType,
     /// Where the model runs.
     pub device: Device,
-    /// How many requests [`crate::chat_many`] runs at once (each holds its
-    /// own key/value cache).
+    /// How many requests [`crate::chat_many`] decodes together, as one
+    /// left-padded batch with one key/value cache (default 1).
     pub max_concurrency: usize,
 }
 
@@ -497,8 +497,9 @@ impl LocalLlm {
         }
     }
 
-    /// Generates the answer to `request`.
-    fn generate(&self, request: &ChatRequest) -> Result<ChatResponse> {
+    /// Everything about one request before decoding: its prompt ids, its
+    /// JSON constraint and state, and its seeded generator.
+    fn prepare<'r>(&self, request: &'r ChatRequest) -> Result<Row<'r>> {
         if request.temperature.is_nan() || request.temperature < 0.0 {
             return Err(AuthorError::Config("temperature must be >= 0".into()));
         }
@@ -518,7 +519,7 @@ impl LocalLlm {
             Some(s) => Some(self.constraint(&s.schema)?),
             None => None,
         };
-        let mut state = constraint.as_ref().map(|c| c.start());
+        let state = constraint.as_ref().map(|c| c.start());
         let max_tokens = request.max_tokens as usize;
         if let (Some(c), Some(s)) = (&constraint, &state) {
             let need = c.shortest_completion(s).chars().count();
@@ -529,83 +530,199 @@ impl LocalLlm {
                 )));
             }
         }
-        let mut rng = ChaCha8Rng::seed_from_u64(request.seed.unwrap_or_else(rand::random));
-        let candle = |e: candle_core::Error| self.llm_error(e);
-        let device = self.model.device();
-        let input = Tensor::new(ids.as_slice(), device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(candle)?;
-        let mut cache = KvCache::new();
-        let mut logits = self
-            .model
-            .forward(LmInput::Ids(&input), None, &mut cache, LogitsAt::Last)
-            .map_err(candle)?;
-        let mut out: Vec<u32> = Vec::new();
-        let mut finish = "length";
-        for step in 0..max_tokens {
-            let mut scores: Vec<f32> = logits
-                .squeeze(0)
-                .and_then(|l| l.to_vec1())
-                .map_err(candle)?;
-            let token = match (&constraint, &mut state) {
-                (Some(c), Some(s)) => {
-                    if c.is_complete(s) {
-                        finish = "stop";
-                        break;
-                    }
-                    let token = self.constrained_step(
-                        c,
-                        s,
-                        &mut scores,
-                        max_tokens - step,
-                        request,
-                        &mut rng,
-                    )?;
-                    c.advance(s, token)?;
-                    token
+        Ok(Row {
+            request,
+            ids,
+            constraint,
+            state,
+            rng: ChaCha8Rng::seed_from_u64(request.seed.unwrap_or_else(rand::random)),
+            out: Vec::new(),
+            finish: "length",
+            done: max_tokens == 0,
+            error: None,
+        })
+    }
+
+    /// Chooses `row`'s next token from its `scores` at decoding step
+    /// `step`, or finishes the row (end of sequence, a complete JSON
+    /// document, or the token budget).
+    fn next_token(&self, row: &mut Row<'_>, scores: &mut [f32], step: usize) -> Result<()> {
+        let max_tokens = row.request.max_tokens as usize;
+        let token = match (&row.constraint, &mut row.state) {
+            (Some(c), Some(s)) => {
+                if c.is_complete(s) {
+                    row.finish = "stop";
+                    row.done = true;
+                    return Ok(());
                 }
-                _ => {
-                    let token = sample(&scores, request.temperature, request.top_p, &mut rng)
-                        .ok_or_else(|| self.llm_error("the model's logits are all NaN"))?;
-                    if self.eos.contains(&token) {
-                        finish = "stop";
-                        break;
-                    }
-                    token
+                let token = self.constrained_step(
+                    c,
+                    s,
+                    scores,
+                    max_tokens - step,
+                    row.request,
+                    &mut row.rng,
+                )?;
+                c.advance(s, token)?;
+                token
+            }
+            _ => {
+                let token = sample(
+                    scores,
+                    row.request.temperature,
+                    row.request.top_p,
+                    &mut row.rng,
+                )
+                .ok_or_else(|| self.llm_error("the model's logits are all NaN"))?;
+                if self.eos.contains(&token) {
+                    row.finish = "stop";
+                    row.done = true;
+                    return Ok(());
                 }
-            };
-            out.push(token);
-            if state
-                .as_ref()
-                .zip(constraint.as_ref())
-                .is_some_and(|(s, c)| c.is_complete(s))
-            {
-                finish = "stop";
-                break;
+                token
             }
-            if step + 1 == max_tokens {
-                break;
-            }
-            let next = Tensor::new(&[[token]], device).map_err(candle)?;
-            logits = self
-                .model
-                .forward(LmInput::Ids(&next), None, &mut cache, LogitsAt::Last)
-                .map_err(candle)?;
+        };
+        row.out.push(token);
+        if row
+            .state
+            .as_ref()
+            .zip(row.constraint.as_ref())
+            .is_some_and(|(s, c)| c.is_complete(s))
+        {
+            row.finish = "stop";
+            row.done = true;
+        } else if row.out.len() >= max_tokens {
+            row.done = true;
         }
-        let text = match &state {
+        Ok(())
+    }
+
+    /// Decodes `rows` together: their prompts left-padded into one batch
+    /// with one key/value cache, then one token per unfinished row per
+    /// forward pass (finished rows feed a padding token that nothing
+    /// attends to). A row's own error finishes that row only.
+    fn decode(&self, rows: &mut [Row<'_>]) -> std::result::Result<(), candle_core::Error> {
+        let device = self.model.device();
+        let b = rows.len();
+        let width = rows.iter().map(|r| r.ids.len()).max().unwrap_or(0);
+        let mut flat = Vec::with_capacity(b * width);
+        let mut mask = Vec::with_capacity(b * width);
+        for r in rows.iter() {
+            let pad = width - r.ids.len();
+            flat.extend(std::iter::repeat_n(0u32, pad));
+            flat.extend_from_slice(&r.ids);
+            mask.extend(std::iter::repeat_n(0f32, pad));
+            mask.extend(std::iter::repeat_n(1f32, r.ids.len()));
+        }
+        let input = Tensor::from_vec(flat, (b, width), device)?;
+        // Without padding the mask changes nothing; leaving it out keeps a
+        // single request on exactly the unbatched path.
+        let mask = (b > 1)
+            .then(|| Tensor::from_vec(mask, (b, width), device))
+            .transpose()?;
+        let mut cache = KvCache::new();
+        let mut logits = self.model.forward(
+            LmInput::Ids(&input),
+            mask.as_ref(),
+            &mut cache,
+            LogitsAt::Last,
+        )?;
+        let mut step = 0;
+        while rows.iter().any(|r| !r.done) {
+            let all: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+            for (row, mut scores) in rows.iter_mut().zip(all) {
+                if row.done {
+                    continue;
+                }
+                if let Err(e) = self.next_token(row, &mut scores, step) {
+                    row.error = Some(e);
+                    row.done = true;
+                }
+            }
+            step += 1;
+            if rows.iter().all(|r| r.done) {
+                break;
+            }
+            let next: Vec<u32> = rows
+                .iter()
+                .map(|r| {
+                    if r.done {
+                        0
+                    } else {
+                        r.out.last().copied().unwrap_or(0)
+                    }
+                })
+                .collect();
+            let live: Vec<f32> = rows.iter().map(|r| if r.done { 0. } else { 1. }).collect();
+            let next = Tensor::from_vec(next, (b, 1), device)?;
+            let live = (b > 1)
+                .then(|| Tensor::from_vec(live, (b, 1), device))
+                .transpose()?;
+            logits = self.model.forward(
+                LmInput::Ids(&next),
+                live.as_ref(),
+                &mut cache,
+                LogitsAt::Last,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// The answer of a decoded row.
+    fn answer(&self, row: Row<'_>) -> Result<ChatResponse> {
+        if let Some(e) = row.error {
+            return Err(e);
+        }
+        let text = match &row.state {
             Some(s) => s.text().to_string(),
             None => self
                 .tokenizer
-                .decode(&out, true)
+                .decode(&row.out, true)
                 .map_err(|e| self.llm_error(format!("decoding the answer: {e}")))?,
         };
         Ok(ChatResponse {
             text,
-            finish_reason: Some(finish.into()),
+            finish_reason: Some(row.finish.into()),
             model: Some(self.identity.clone()),
-            prompt_tokens: Some(ids.len() as u64),
-            completion_tokens: Some(out.len() as u64),
+            prompt_tokens: Some(row.ids.len() as u64),
+            completion_tokens: Some(row.out.len() as u64),
         })
+    }
+
+    /// Answers `requests` decoded together in one padded batch; results
+    /// in request order, a failed request failing alone.
+    fn generate_batch(&self, requests: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        let mut results: Vec<Option<Result<ChatResponse>>> =
+            requests.iter().map(|_| None).collect();
+        let mut rows = Vec::new();
+        let mut at = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            match self.prepare(r) {
+                Ok(row) => {
+                    rows.push(row);
+                    at.push(i);
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        if !rows.is_empty() {
+            match self.decode(&mut rows) {
+                Ok(()) => {
+                    for (row, i) in rows.into_iter().zip(at) {
+                        results[i] = Some(self.answer(row));
+                    }
+                }
+                Err(e) => {
+                    for i in at {
+                        results[i] = Some(Err(self.llm_error(&e)));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(self.llm_error("request was not answered"))))
+            .collect()
     }
 
     /// Chooses the next token under `c`: sampled among the allowed tokens
@@ -662,9 +779,35 @@ impl LocalLlm {
     }
 }
 
+/// One request being decoded in a batch.
+struct Row<'r> {
+    request: &'r ChatRequest,
+    /// The rendered, tokenised prompt.
+    ids: Vec<u32>,
+    constraint: Option<Arc<JsonConstraint>>,
+    state: Option<ConstraintState>,
+    rng: ChaCha8Rng,
+    /// Tokens generated so far.
+    out: Vec<u32>,
+    finish: &'static str,
+    done: bool,
+    error: Option<AuthorError>,
+}
+
 impl Llm for LocalLlm {
     fn chat(&self, request: &ChatRequest) -> Result<ChatResponse> {
-        self.generate(request)
+        self.generate_batch(std::slice::from_ref(request))
+            .pop()
+            .unwrap_or_else(|| Err(self.llm_error("request was not answered")))
+    }
+
+    /// Up to `max_concurrency` requests at a time, decoded together in one
+    /// padded batch (one forward pass per token for all of them).
+    fn chat_batch(&self, requests: &[ChatRequest]) -> Vec<Result<ChatResponse>> {
+        requests
+            .chunks(self.max_concurrency.max(1))
+            .flat_map(|chunk| self.generate_batch(chunk))
+            .collect()
     }
 
     fn identity(&self) -> String {

@@ -126,11 +126,21 @@ fn seeds_reproduce_and_greedy_is_deterministic() {
         assert!(texts.len() > 1, "four seeds gave one text: {texts:?}");
         assert_eq!(run(1, 0.0), run(2, 0.0));
     }
-    // Threads give what a sequential run gives.
-    let requests: Vec<_> = (0..4)
+    // Batches (prompts of different lengths, left-padded into one
+    // forward pass per token, rows finishing at different steps; with and
+    // without a schema) give what one request at a time gives.
+    let requests: Vec<_> = (0..7u64)
         .map(|s| {
-            let mut r = request("Say something.", Some(s), 30);
-            r.json_schema = Some(prompts_schema());
+            let text = format!("Say something{}", " more".repeat(s as usize));
+            // Request 0's budget is below the schema's smallest document:
+            // it must fail alone.
+            let mut r = request(&text, Some(s), if s == 0 { 12 } else { 18 + 6 * s as u32 });
+            if s % 3 != 2 {
+                r.json_schema = Some(prompts_schema());
+            }
+            if s == 4 {
+                r.temperature = 0.0;
+            }
             r
         })
         .collect();
@@ -144,11 +154,15 @@ fn seeds_reproduce_and_greedy_is_deterministic() {
         },
     )
     .unwrap();
-    let a: Vec<String> = chat_many(&parallel, &requests)
+    let a: Vec<Result<String, String>> = chat_many(&parallel, &requests)
         .into_iter()
-        .map(|r| r.unwrap().text)
+        .map(|r| r.map(|x| x.text).map_err(|e| e.to_string()))
         .collect();
-    let b: Vec<String> = requests.iter().map(|r| llm.chat(r).unwrap().text).collect();
+    let b: Vec<Result<String, String>> = requests
+        .iter()
+        .map(|r| llm.chat(r).map(|x| x.text).map_err(|e| e.to_string()))
+        .collect();
+    assert!(a[0].is_err() && a[1..].iter().all(Result::is_ok), "{a:?}");
     assert_eq!(a, b);
 }
 

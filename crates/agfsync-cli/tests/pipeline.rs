@@ -94,6 +94,14 @@ fn fingerprint(dir: &Path, with_training: bool) -> Result<BTreeMap<String, Strin
     Ok(out)
 }
 
+/// The `metrics` of a run's built-in benchmark results.
+fn eval_metrics(dir: &Path) -> Result<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        dir.join("eval/builtin/results.json"),
+    )?)?;
+    Ok(v["metrics"].clone())
+}
+
 /// One uninterrupted reference run, shared by the tests that compare with it.
 fn reference() -> Result<PathBuf> {
     static REF: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
@@ -156,11 +164,15 @@ fn killed_runs_resume_to_the_uninterrupted_result() -> Result<()> {
     // Abort (no cleanup, like SIGKILL) at the worst points: files written
     // but rows not committed, and mid-training after a checkpoint.
     for point in [
+        "prompts.before_commit",
+        "questions.after_commit:2",
         "generate.before_commit:2",
         "generate.after_commit:1",
         "score.before_commit:2",
         "pairs.before_commit",
         "train.step:3",
+        "eval.before_commit:2",
+        "eval_score.before_commit:2",
     ] {
         let out = bin()
             .args(["run", s(&dir)])
@@ -177,6 +189,8 @@ fn killed_runs_resume_to_the_uninterrupted_result() -> Result<()> {
     let _ = child.wait();
     ok(&agfsync(&["run", s(&dir)])?)?;
     assert_eq!(fingerprint(&dir, true)?, fingerprint(&reference, true)?);
+    // The evaluation, interrupted twice, ends with the same numbers.
+    assert_eq!(eval_metrics(&dir)?, eval_metrics(&reference)?);
     Ok(())
 }
 
@@ -229,13 +243,7 @@ fn two_shards_merged_equal_one_unsharded_run() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     ok(&agfsync(&["eval", s(&dir)])?)?;
-    let results = |d: &Path| -> Result<serde_json::Value> {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
-            d.join("eval/builtin/results.json"),
-        )?)?;
-        Ok(v["metrics"].clone())
-    };
-    let (mine, theirs) = (results(&dir)?, results(&reference)?);
+    let (mine, theirs) = (eval_metrics(&dir)?, eval_metrics(&reference)?);
     assert!(mine.as_array().is_some_and(|m| !m.is_empty()));
     assert_eq!(mine, theirs);
     Ok(())

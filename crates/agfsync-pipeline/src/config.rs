@@ -130,7 +130,8 @@ pub struct LocalLlmSection {
     /// A transformers folder (relative to the run) or hub id, e.g.
     /// Qwen/Qwen2.5-7B-Instruct.
     pub model: String,
-    /// Requests decoded at once.
+    /// Requests decoded together, as one padded batch (one forward pass per
+    /// token for all of them).
     #[serde(default = "one")]
     pub max_concurrency: usize,
 }

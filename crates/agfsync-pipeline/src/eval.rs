@@ -338,6 +338,7 @@ fn generate_model(
                 image: rel,
             });
         }
+        crate::fault::point("eval.before_commit");
         run.store.insert_eval_items(&records)?;
         done += records.len();
         ctx.progress.advance(records.len() as u64);
@@ -414,6 +415,7 @@ fn score_all(
                 });
             }
         }
+        crate::fault::point("eval_score.before_commit");
         run.store.upsert_eval_scores(&rows)?;
         ctx.progress.advance(group.len() as u64);
     }

@@ -206,6 +206,7 @@ fn prompts_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
         .filter(|p| run.shard.owns(p.ord))
         .collect();
     ctx.progress.begin("prompts", mine.len() as u64);
+    crate::fault::point("prompts.before_commit");
     let added = run.store.insert_prompts(&mine)?;
     ctx.progress.advance(mine.len() as u64);
     ctx.progress.end();
@@ -365,6 +366,7 @@ fn questions_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport>
         match qs {
             Some(qs) => {
                 run.store.set_questions(&p.pid, &qs, &src)?;
+                crate::fault::point("questions.after_commit");
                 report.done += 1;
             }
             None => missing += 1,
