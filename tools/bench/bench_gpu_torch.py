@@ -318,6 +318,10 @@ def main():
             out = {"bench": names.get(w, w), "impl": "pytorch", "skipped": f"missing package: {e}"}
         log(f"{w}: {out.get('median_s', out.get('skipped'))}")
         out.setdefault("arch", args.arch if w != "clip" else "clip-vit-large-patch14")
+        # A skipped row still says what it would have run, for the table.
+        for k, v in dict(dtype=args.dtype, batch=args.clip_batch if w == "clip" else args.batch,
+                         latent_hw=args.latent, size=args.size, steps=args.steps, pairs=args.pairs).items():
+            out.setdefault(k, v)
         print(json.dumps(out), flush=True)
 
 

@@ -92,10 +92,15 @@ prepare_link_dir() {
     fi
 
     local stubs="$lib/stubs"
+    mkdir -p "$stubs" "$toolkit_dir/smoke-libcuda"
+    # The same stub under its run-time name, in a folder of its own that
+    # only the smoke run below puts on LD_LIBRARY_PATH: it lets the binary
+    # start on this GPU-less machine (every driver call fails, so CUDA reads
+    # as unavailable) without ever shadowing a real driver.
+    ln -sf "$stubs/libcuda.so" "$toolkit_dir/smoke-libcuda/libcuda.so.1"
     if [[ -f "$stubs/libcuda.so" ]]; then
         return
     fi
-    mkdir -p "$stubs"
     local registry sys
     registry="${CARGO_HOME:-$HOME/.cargo}/registry/src"
     # The cudarc version candle resolves to in our Cargo.lock.
@@ -157,3 +162,13 @@ cp -f "$bin" "$bundle_dir/agfsync"
 strip --strip-debug "$bundle_dir/agfsync"
 echo ">> $bundle_dir/agfsync ($(du -h "$bundle_dir/agfsync" | cut -f1)); it needs at run time:" >&2
 readelf -d "$bundle_dir/agfsync" | awk '/NEEDED/{print "   " $5}' | tr -d '[]' >&2
+
+# Smoke run here, with the stub driver: the binary loads its libraries, runs
+# the tiny UNet on CPU, and refuses `--device cuda` with a message (no GPU).
+smoke_env=(env LD_LIBRARY_PATH="$cuda_root/lib:$toolkit_dir/smoke-libcuda")
+"${smoke_env[@]}" "$bundle_dir/agfsync" -q bench --tiny --device cpu --iters 1 --warmup 0 --latent 8 --workload unet
+if msg="$("${smoke_env[@]}" "$bundle_dir/agfsync" -q bench --tiny --device cuda --workload unet 2>&1)"; then
+    echo ">> unexpected: --device cuda worked with the stub driver" >&2
+else
+    echo ">> --device cuda without a GPU, as expected: $msg" >&2
+fi

@@ -168,7 +168,7 @@ def what(r):
     if b == "sample":
         return f"one image, {r.get('size')} px, {r.get('steps')} steps {r.get('scheduler', '')}, CFG"
     if b == "clip_score":
-        return f"CLIP score, batch {r.get('batch')} (vision only: see JSON)"
+        return f"CLIP score end to end, batch {r.get('batch')} of 512 px (vision tower alone: JSON)"
     if b == "dpo_step":
         return f"DPO step, {r.get('pairs')} pair(s), {8 * r.get('latent_hw', 0)} px"
     return b
