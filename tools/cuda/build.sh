@@ -15,7 +15,7 @@
 #   AGFSYNC_CUDA_TOOLKIT    where the wheels go (default ~/.cache/agfsync-cuda-toolkit)
 #   CARGO_TARGET_DIR        default ~/.cache/agfsync-target-cuda
 #   AGFSYNC_CARGO_FEATURES  cargo features of agfsync-cli (default "cuda")
-#   AGFSYNC_BUNDLE_DIR      where the stripped binary is staged for a GPU
+#   AGFSYNC_BUNDLE_DIR      where the stripped, gzipped binary is staged for a GPU
 #                           machine (default .cuda-bundle in the repository,
 #                           git-ignored: carry it, see docs/cuda.md)
 #
@@ -157,17 +157,23 @@ cargo build --release --locked -p agfsync-cli --features "$features"
 
 bin="$CARGO_TARGET_DIR/release/agfsync"
 mkdir -p "$bundle_dir"
-cp -f "$bin" "$bundle_dir/agfsync"
-# The release profile keeps line tables; the copy that travels drops them.
-strip --strip-debug "$bundle_dir/agfsync"
-echo ">> $bundle_dir/agfsync ($(du -h "$bundle_dir/agfsync" | cut -f1)); it needs at run time:" >&2
-readelf -d "$bundle_dir/agfsync" | awk '/NEEDED/{print "   " $5}' | tr -d '[]' >&2
+# The release profile keeps line tables; the copy that travels drops them
+# and is gzipped: candle's embedded PTX makes the binary ~87 MB, more than a
+# GPU machine's carried files may hold (64 MiB), and it compresses to ~25 MB.
+# gpu_bench.sh unpacks it there.
+stripped="$CARGO_TARGET_DIR/release/agfsync-stripped"
+cp -f "$bin" "$stripped"
+strip --strip-debug "$stripped"
+rm -f "$bundle_dir/agfsync"
+gzip -6 -c "$stripped" >"$bundle_dir/agfsync.gz"
+echo ">> $bundle_dir/agfsync.gz ($(du -h "$bundle_dir/agfsync.gz" | cut -f1); unpacked $(du -h "$stripped" | cut -f1)); it needs at run time:" >&2
+readelf -d "$stripped" | awk '/NEEDED/{print "   " $5}' | tr -d '[]' >&2
 
 # Smoke run here, with the stub driver: the binary loads its libraries, runs
 # the tiny UNet on CPU, and refuses `--device cuda` with a message (no GPU).
 smoke_env=(env LD_LIBRARY_PATH="$cuda_root/lib:$toolkit_dir/smoke-libcuda")
-"${smoke_env[@]}" "$bundle_dir/agfsync" -q bench --tiny --device cpu --iters 1 --warmup 0 --latent 8 --workload unet
-if msg="$("${smoke_env[@]}" "$bundle_dir/agfsync" -q bench --tiny --device cuda --workload unet 2>&1)"; then
+"${smoke_env[@]}" "$stripped" -q bench --tiny --device cpu --iters 1 --warmup 0 --latent 8 --workload unet
+if msg="$("${smoke_env[@]}" "$stripped" -q bench --tiny --device cuda --workload unet 2>&1)"; then
     echo ">> unexpected: --device cuda worked with the stub driver" >&2
 else
     echo ">> --device cuda without a GPU, as expected: $msg" >&2

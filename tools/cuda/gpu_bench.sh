@@ -6,8 +6,8 @@
 #
 #   tools/cuda/gpu_bench.sh [path/to/agfsync]
 #
-# Binary: the argument, else $AGFSYNC_BIN, else .cuda-bundle/agfsync in the
-# repository (where build.sh puts it).
+# Binary: the argument, else $AGFSYNC_BIN, else .cuda-bundle/agfsync(.gz) in
+# the repository (where build.sh puts it).
 # Results go to $OUT (default ./gpu-bench-out): gpu_bench.md (the table),
 # results.jsonl (one JSON line per workload and implementation), log.txt.
 #
@@ -15,7 +15,7 @@
 # starts after that many seconds; AGFSYNC_BENCH_STEP_TIMEOUT_S (default 120):
 # each command's limit; AGFSYNC_BENCH_QUICK=1: only the SD 1.5 groups;
 # AGFSYNC_BENCH_TORCH=0: skip PyTorch; AGFSYNC_CUDA_LIBS: a folder with
-# libcudart.so.13, libcublas(Lt).so.13, libcurand.so.10, libnvrtc.so.13 when
+# libcudart.so.13, libcublas(Lt).so.13 and libcurand.so.10 when
 # they are not found on their own; AGFSYNC_WHEELS (default .whl): wheels to
 # install (pip --no-index) when diffusers is missing.
 set -uo pipefail
@@ -38,6 +38,12 @@ elapsed() { echo $(($(date +%s) - start)); }
 bin="${1:-${AGFSYNC_BIN:-}}"
 if [[ -z "$bin" ]]; then
     bin="$repo/.cuda-bundle/agfsync"
+    # build.sh stages it gzipped (the plain binary is too big to carry).
+    if [[ ! -x "$bin" && -f "$bin.gz" ]]; then
+        mkdir -p /tmp/agfsync-bin
+        gzip -dc "$bin.gz" >/tmp/agfsync-bin/agfsync && chmod +x /tmp/agfsync-bin/agfsync
+        bin=/tmp/agfsync-bin/agfsync
+    fi
 fi
 if [[ -z "$bin" || ! -x "$bin" ]]; then
     say "no agfsync binary: pass its path, set AGFSYNC_BIN, or carry .cuda-bundle/agfsync (tools/cuda/build.sh)"
@@ -54,8 +60,8 @@ fi
 say "card: $card"
 
 # --- runtime libraries --------------------------------------------------
-# The binary links libcuda.so.1 (the driver's), and cudart, cublas, cublasLt,
-# curand and nvrtc of CUDA 13 by soname. Look for them where a CUDA machine
+# The binary links libcuda.so.1 (the driver's), and cudart, cublas (with
+# cublasLt) and curand of CUDA 13 by soname. Look for them where a CUDA machine
 # usually has them: an explicit folder, the toolkit, PyTorch's nvidia wheels.
 lib_dirs=()
 [[ -n "${AGFSYNC_CUDA_LIBS:-}" ]] && lib_dirs+=("$AGFSYNC_CUDA_LIBS")
