@@ -4,6 +4,7 @@
 //! This binary is a thin layer over the library crates: it parses arguments,
 //! sets up logging and progress bars, and maps errors to exit codes.
 
+mod cmd_bench;
 mod cmd_pipeline;
 mod cmd_sample;
 mod cmd_score;
@@ -80,6 +81,9 @@ enum Command {
     /// Export a run's pairs (Pick-a-Pic Parquet), candidates and scores
     /// (JSONL) or an image-folder view.
     Export(cmd_pipeline::ExportArgs),
+    /// Time the hot paths (UNet step, sampling, CLIP score, DPO step) with
+    /// the real architectures and random weights: one JSON line each.
+    Bench(Box<cmd_bench::BenchArgs>),
 }
 
 /// The run directory's log file for commands that work on a run
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
         Command::Train(a) => cmd_train::run(&a, cli.quiet),
         Command::ImportPairs(a) => cmd_train::run_import(&a),
         Command::ScoreImages(a) => cmd_score::run(&a),
+        Command::Bench(a) => cmd_bench::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,7 @@
 //! * train: Diffusion-DPO on the stored latents ([`train`]);
 //! * eval: base against tuned on a benchmark, and the report ([`eval`]).
 
+pub mod bench;
 pub mod combine;
 pub mod config;
 pub mod error;

@@ -1,0 +1,86 @@
+//! `agfsync bench`: the timing workloads of `agfsync_pipeline::bench`, so a
+//! machine with only the release binary (a GPU machine without a Rust
+//! toolchain) can time them. The work itself lives in the library.
+
+use agfsync_pipeline::bench::{self, BenchArch, BenchOptions};
+use anyhow::{bail, Result};
+use clap::Args;
+
+use crate::common::{check_dtype_device, parse_device, parse_dtype};
+
+/// Arguments of `agfsync bench`.
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// Workloads to run, in order (repeat or separate with commas):
+    /// unet (one UNet forward), sample (one image end to end), clip (CLIP
+    /// score of a batch), dpo (one Diffusion-DPO step of the full UNet).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["unet".to_string()])]
+    pub workload: Vec<String>,
+    /// UNet architecture of the unet, sample and dpo workloads: sd15 or sdxl.
+    #[arg(long, default_value = "sd15")]
+    pub arch: String,
+    /// Device: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weights and activations dtype: f32, f16 or bf16 (bf16 needs CUDA).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// The tiny test models instead of the real sizes (a smoke run).
+    #[arg(long)]
+    pub tiny: bool,
+    /// Timed repetitions of each workload (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Untimed repetitions before the timed ones.
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// unet: batch size (2 = one guided step of one image).
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// unet, dpo: latent height and width (image size / 8).
+    #[arg(long, default_value_t = 64)]
+    pub latent: usize,
+    /// sample: image height and width in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// sample: denoising steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// clip: images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub clip_batch: usize,
+    /// dpo: preference pairs per step.
+    #[arg(long, default_value_t = 1)]
+    pub pairs: usize,
+    /// Seed of the random weights and inputs.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// Runs `agfsync bench`: one JSON line per workload on stdout.
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let device = parse_device(&a.device)?;
+    let dtype = parse_dtype(&a.dtype)?;
+    check_dtype_device(dtype, &device)?;
+    let o = BenchOptions {
+        device,
+        dtype,
+        arch: BenchArch::from_name(&a.arch)?,
+        tiny: a.tiny,
+        iters: a.iters,
+        warmup: a.warmup,
+        seed: a.seed,
+        work_dir: None,
+    };
+    for w in &a.workload {
+        let line = match w.as_str() {
+            "unet" => bench::unet_step(&o, a.batch, a.latent)?,
+            "sample" => bench::sample(&o, a.size, a.steps)?,
+            "clip" => bench::clip_score(&o, a.clip_batch)?,
+            "dpo" => bench::dpo_step(&o, a.pairs, a.latent)?,
+            other => bail!("unknown workload `{other}`: use unet, sample, clip or dpo"),
+        };
+        println!("{line}");
+    }
+    Ok(())
+}

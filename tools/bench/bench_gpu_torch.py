@@ -1,0 +1,329 @@
+#!/usr/bin/env python3
+"""PyTorch/diffusers GPU baseline for `agfsync bench` (tools/cuda/gpu_bench.sh runs both).
+
+    python3 tools/bench/bench_gpu_torch.py --workload unet --arch sd15 --dtype bf16 [--latent 64]
+    python3 tools/bench/bench_gpu_torch.py --workload sample --arch sd15 --dtype f16 --size 512 --steps 20
+    python3 tools/bench/bench_gpu_torch.py --workload clip --dtype f16 --clip-batch 8
+    python3 tools/bench/bench_gpu_torch.py --workload dpo --arch sd15 --dtype bf16 --latent 64 --pairs 1
+
+Same work as the Rust side, random weights, on CUDA (or --device cpu):
+
+  unet    one UNet2DConditionModel forward, batch 2 (a CFG step), per-sample timesteps
+  sample  one image end to end: CLIP text encoding (prompt + empty negative), N steps of
+          DDIM (SD 1.5) / Euler (SDXL) with guidance 7.5, VAE decode
+  clip    CLIP ViT-L/14: the vision tower on a ready batch, and the score end to end
+          (CLIPImageProcessor on 512x512 PIL images + vision tower + cosine)
+  dpo     one Diffusion-DPO step of the full UNet: differentiable forward on winners and
+          losers, reference forward without gradients (same weights, as in agfsync's
+          bench), loss, backward, AdamW (foreach) update
+
+Prints ONE JSON line per workload with the keys agfsync's bench uses
+({"bench":..,"impl":"pytorch","median_s":..}); a workload whose packages are missing
+prints {"bench":..,"impl":"pytorch","skipped":"reason"}. Diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+SD15_UNET = dict(
+    sample_size=64, block_out_channels=[320, 640, 1280, 1280], layers_per_block=2,
+    cross_attention_dim=768, attention_head_dim=8,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    norm_num_groups=32,
+)
+SDXL_UNET = dict(
+    sample_size=128, block_out_channels=[320, 640, 1280], layers_per_block=2,
+    transformer_layers_per_block=[1, 2, 10], attention_head_dim=[5, 10, 20], cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    norm_num_groups=32,
+)
+VAE = dict(
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32,
+)
+CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                   num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                   projection_dim=768)
+BIGG_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+VIT_L14 = dict(
+    text_config=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                     projection_dim=768),
+    vision_config=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                       patch_size=14, image_size=224, projection_dim=768),
+    projection_dim=768,
+)
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+class Bench:
+    def __init__(self, args):
+        import torch
+
+        self.torch = torch
+        self.args = args
+        self.dev = torch.device(args.device)
+        self.dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        # Weights are made on the device: initialising SDXL on the CPU takes longer than the bench.
+        torch.set_default_device(self.dev)
+        torch.manual_seed(args.seed)
+
+    def sync(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def timed(self, fn):
+        for _ in range(self.args.warmup):
+            fn()
+            self.sync()
+        times = []
+        for _ in range(max(1, self.args.iters)):
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+                "iters": len(times)}
+
+    def base(self, bench):
+        torch = self.torch
+        out = {"bench": bench, "impl": "pytorch", "torch": torch.__version__, "device": str(self.dev),
+               "dtype": self.args.dtype}
+        if self.dev.type == "cuda":
+            out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        return out
+
+    def reset_peak(self):
+        if self.dev.type == "cuda":
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats()
+
+    def unet(self, train=False):
+        import diffusers
+        from diffusers import UNet2DConditionModel
+
+        # Casting random-weight modules with .to() is what we want; diffusers warns about it.
+        diffusers.utils.logging.set_verbosity_error()
+        cfg = SDXL_UNET if self.args.arch == "sdxl" else SD15_UNET
+        t0 = time.perf_counter()
+        unet = UNet2DConditionModel(**cfg).to(self.dtype)
+        unet.train(train)
+        self.sync()
+        return unet, cfg, time.perf_counter() - t0
+
+    def unet_inputs(self, cfg, b, latent):
+        torch = self.torch
+        x = torch.randn(b, 4, latent, latent, dtype=self.dtype)
+        t = torch.linspace(999, 1, b).round()
+        ctx = torch.randn(b, 77, cfg["cross_attention_dim"], dtype=self.dtype)
+        added = None
+        if self.args.arch == "sdxl":
+            px = float(latent * 8)
+            added = {"text_embeds": torch.randn(b, 1280, dtype=self.dtype),
+                     "time_ids": torch.tensor([[px, px, 0.0, 0.0, px, px]] * b, dtype=self.dtype)}
+        return x, t, ctx, added
+
+    def run_unet(self):
+        torch = self.torch
+        self.reset_peak()
+        unet, cfg, build_s = self.unet()
+        x, t, ctx, added = self.unet_inputs(cfg, self.args.batch, self.args.latent)
+        with torch.inference_mode():
+            res = self.timed(lambda: unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample)
+            finite = bool(torch.isfinite(unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample).all())
+        out = self.base("unet_step")
+        out.update(arch=self.args.arch, batch=self.args.batch, latent_hw=self.args.latent,
+                   params_m=sum(p.numel() for p in unet.parameters()) / 1e6, build_s=build_s, finite=finite, **res)
+        return out
+
+    def run_sample(self):
+        torch = self.torch
+        from diffusers import AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        self.reset_peak()
+        xl = self.args.arch == "sdxl"
+        unet, cfg, build_s = self.unet()
+        t0 = time.perf_counter()
+        vae = AutoencoderKL(**VAE, scaling_factor=0.13025 if xl else 0.18215).to(self.dtype).eval()
+        te = CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)).to(self.dtype).eval()
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**BIGG_TEXT)).to(self.dtype).eval() if xl else None
+        sched_cfg = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+        scheduler = (EulerDiscreteScheduler(**sched_cfg) if xl
+                     else DDIMScheduler(**sched_cfg, clip_sample=False, set_alpha_to_one=False))
+        self.sync()
+        build_s += time.perf_counter() - t0
+        size, steps, g = self.args.size, self.args.steps, 7.5
+        # Token ids as a tokenizer would give them: BOS, a few words, EOS, padding.
+        ids = torch.full((2, 77), 49407, dtype=torch.long)
+        ids[:, 0] = 49406
+        ids[1, 1:9] = torch.arange(320, 328)
+
+        def encode():
+            h = te(ids, output_hidden_states=xl)
+            if not xl:
+                return h.last_hidden_state, None
+            o2 = te2(ids, output_hidden_states=True)
+            ctx = torch.cat([h.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+            px = float(size)
+            tid = torch.tensor([[px, px, 0.0, 0.0, px, px]] * 2, dtype=self.dtype)
+            return ctx, {"text_embeds": o2.text_embeds, "time_ids": tid}
+
+        def one_image():
+            ctx, added = encode()
+            scheduler.set_timesteps(steps)
+            x = torch.randn(1, 4, size // 8, size // 8, dtype=torch.float32) * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                inp = scheduler.scale_model_input(torch.cat([x, x]), t).to(self.dtype)
+                e = unet(inp, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample.float()
+                eu, ec = e.chunk(2)
+                x = scheduler.step(eu + g * (ec - eu), t, x).prev_sample
+            return vae.decode((x / vae.config.scaling_factor).to(self.dtype)).sample
+
+        with torch.inference_mode():
+            holder = {}
+            res = self.timed(lambda: holder.__setitem__("img", one_image()))
+            finite = bool(torch.isfinite(holder["img"]).all())
+        out = self.base("sample")
+        params = sum(p.numel() for m in (unet, vae, te, te2) if m is not None for p in m.parameters())
+        out.update(arch=self.args.arch, size=size, steps=steps,
+                   scheduler="euler" if xl else "ddim", guidance=g, params_m=params / 1e6, build_s=build_s,
+                   finite=finite, step_s=res["median_s"] / max(1, steps), **res)
+        return out
+
+    def run_clip(self):
+        torch = self.torch
+        import numpy as np
+        import transformers
+        from PIL import Image
+        from transformers import CLIPConfig, CLIPModel
+
+        try:
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
+        except ImportError:  # transformers 4.x
+            from transformers import CLIPImageProcessor as Proc
+        transformers.utils.logging.set_verbosity_error()
+        self.reset_peak()
+        t0 = time.perf_counter()
+        model = CLIPModel(CLIPConfig(**VIT_L14)).to(self.dtype).eval()
+        self.sync()
+        build_s = time.perf_counter() - t0
+        processor = Proc()
+        b = self.args.clip_batch
+        j = np.arange(512 * 512 * 3)
+        images = [Image.fromarray((((j * 7 + i * 131 + (j // 1536) * 3) % 251).astype(np.uint8)).reshape(512, 512, 3))
+                  for i in range(b)]
+        pv = torch.randn(b, 3, 224, 224, dtype=self.dtype)
+        ids = torch.randint(0, 49000, (1, 77))
+        ids[0, 10] = 49407
+
+        def feats(out):
+            return out if torch.is_tensor(out) else out.pooler_output
+
+        with torch.inference_mode():
+            text = feats(model.get_text_features(input_ids=ids))
+            text = text / text.norm(p=2, dim=-1, keepdim=True)
+
+            def score():
+                p = processor(images=images, return_tensors="pt")["pixel_values"].to(self.dev, self.dtype)
+                f = feats(model.get_image_features(pixel_values=p))
+                f = f / f.norm(p=2, dim=-1, keepdim=True)
+                return torch.clamp(100 * f @ text.T, min=0).float().cpu()
+
+            vis = self.timed(lambda: model.get_image_features(pixel_values=pv))
+            sc = self.timed(score)
+        out = self.base("clip_score")
+        out.update(arch="clip-vit-large-patch14", transformers=transformers.__version__, batch=b, build_s=build_s,
+                   vision_batch_s=vis["median_s"], vision_images_per_s=b / vis["median_s"],
+                   score_batch_s=sc["median_s"], score_images_per_s=b / sc["median_s"], **sc)
+        return out
+
+    def run_dpo(self):
+        torch = self.torch
+        import torch.nn.functional as F
+
+        self.reset_peak()
+        unet, cfg, build_s = self.unet(train=True)
+        opt = torch.optim.AdamW(unet.parameters(), lr=1e-8, foreach=True)
+        p = self.args.pairs
+        x, t, ctx, added = self.unet_inputs(cfg, 2 * p, self.args.latent)
+        target = torch.randn(x.shape, dtype=torch.float32)
+        beta = 5000.0
+        holder = {}
+
+        def err(pred):
+            return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
+
+        def step():
+            pred = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+            with torch.no_grad():
+                ref = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
+            e, r = err(pred), err(ref)
+            inside = -0.5 * beta * ((e[:p] - e[p:]) - (r[:p] - r[p:]))
+            loss = -F.logsigmoid(inside).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            holder["loss"] = loss.detach()
+
+        res = self.timed(step)
+        out = self.base("dpo_step")
+        out.update(arch=self.args.arch, pairs=p, latent_hw=self.args.latent,
+                   params_m=sum(q.numel() for q in unet.parameters()) / 1e6, build_s=build_s,
+                   finite=bool(torch.isfinite(holder["loss"]).item()), **res)
+        return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", default="unet", help="comma-separated: unet,sample,clip,dpo")
+    ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f16")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--latent", type=int, default=64)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--clip-batch", type=int, default=8)
+    ap.add_argument("--pairs", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    names = {"unet": "unet_step", "sample": "sample", "clip": "clip_score", "dpo": "dpo_step"}
+    try:
+        bench = Bench(args)
+    except ImportError as e:
+        for w in args.workload.split(","):
+            print(json.dumps({"bench": names.get(w, w), "impl": "pytorch", "skipped": f"torch: {e}"}), flush=True)
+        return
+    for w in args.workload.split(","):
+        try:
+            out = getattr(bench, f"run_{w}")()
+        except ImportError as e:
+            out = {"bench": names.get(w, w), "impl": "pytorch", "skipped": f"missing package: {e}"}
+        log(f"{w}: {out.get('median_s', out.get('skipped'))}")
+        out.setdefault("arch", args.arch if w != "clip" else "clip-vit-large-patch14")
+        # A skipped row still says what it would have run, for the table.
+        for k, v in dict(dtype=args.dtype, batch=args.clip_batch if w == "clip" else args.batch,
+                         latent_hw=args.latent, size=args.size, steps=args.steps, pairs=args.pairs).items():
+            out.setdefault(k, v)
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    main()
