@@ -47,6 +47,14 @@ pub enum Grey16 {
     Scale,
 }
 
+/// How a refused image's error says to raise the pixel limit.
+pub const RAISE_PIXELS: &str = "raise the limit with `[limits] max_image_pixels` in agfsync.toml \
+     or `--max-pixels` on the command line if the image is trusted";
+
+/// The default of [`DecodeOptions::max_pixels`]: Pillow's own refusal
+/// threshold (twice its 89 Mpx warning).
+pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
 /// Options for [`load_image`] and [`decode_image`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeOptions {
@@ -63,8 +71,7 @@ impl Default for DecodeOptions {
         Self {
             grey16: Grey16::default(),
             apply_exif_orientation: false,
-            // Pillow warns above 89 Mpx and refuses above twice that.
-            max_pixels: 178_956_970,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -159,7 +166,7 @@ pub fn decode_image(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Resul
     }
     if u64::from(w) * u64::from(h) > options.max_pixels {
         return Err(err(format!(
-            "{w}x{h} is more than the {} pixels allowed (decompression bomb guard)",
+            "{w}x{h} is more than the {} pixels allowed (decompression bomb guard); {RAISE_PIXELS}",
             options.max_pixels
         )));
     }
@@ -193,15 +200,16 @@ fn decode_jpeg_file(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Resul
         path: path.to_path_buf(),
         reason,
     };
-    let img =
-        jpeg::decode_jpeg(bytes).map_err(|e| err(format!("cannot decode the JPEG data: {e}")))?;
+    // The limit is checked on the frame header, before any pixel memory is
+    // allocated.
+    let img = jpeg::decode_jpeg_limited(bytes, options.max_pixels).map_err(|e| {
+        if e.contains("pixels allowed") {
+            err(format!("{e}; {}", RAISE_PIXELS))
+        } else {
+            err(format!("cannot decode the JPEG data: {e}"))
+        }
+    })?;
     let (w, h) = (img.width as u32, img.height as u32);
-    if u64::from(w) * u64::from(h) > options.max_pixels {
-        return Err(err(format!(
-            "{w}x{h} is more than the {} pixels allowed (decompression bomb guard)",
-            options.max_pixels
-        )));
-    }
     let (layout, rgb) = match img.pixels {
         JpegPixels::Grey(g) => ("JPEG L", g.iter().flat_map(|&v| [v, v, v]).collect()),
         JpegPixels::Rgb(rgb) => ("JPEG RGB", rgb),

@@ -48,7 +48,23 @@ pub fn open_safetensors(
 /// Validates a safetensors file's header and that the file holds every byte
 /// the header promises, without mapping it.
 fn check_header(path: &Path) -> Result<()> {
-    use std::io::Read;
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    check_header_from(f, len, path)
+}
+
+/// The checks [`open_safetensors`] makes on each file before mapping it
+/// (header length, header JSON, every tensor's bytes present), on a file
+/// held in memory; `path` only names it in errors.
+pub fn check_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<()> {
+    check_header_from(bytes, bytes.len() as u64, path)
+}
+
+fn check_header_from(mut f: impl std::io::Read, len: u64, path: &Path) -> Result<()> {
     let err = |msg: String| ModelError::Weights {
         path: path.to_path_buf(),
         source: Box::new(candle_core::Error::Msg(msg)),
@@ -57,8 +73,6 @@ fn check_header(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let len = f.metadata().map_err(io)?.len();
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|_| {
         err(format!(
