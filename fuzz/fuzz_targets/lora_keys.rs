@@ -29,7 +29,12 @@ fuzz_target!(|data: &[u8]| {
         let mut parts = line.split_whitespace();
         let Some(name) = parts.next() else { continue };
         let dims: Vec<usize> = parts.filter_map(|d| d.parse().ok()).take(4).collect();
-        let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        // Zeros count as ones: a zero-sized tensor with huge other
+        // dimensions is refused by the safetensors readers (`check_shape`)
+        // before it reaches the mapping.
+        let n = dims
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d.max(1)));
         match n {
             Some(n) if total + n <= MAX_ELEMENTS => total += n,
             _ => return,

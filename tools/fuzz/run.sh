@@ -20,6 +20,10 @@
 # to $FUZZ_WORK/corpus/<target>/ and crashes to $FUZZ_WORK/artifacts/<target>/
 # (FUZZ_WORK defaults to target/fuzz-work under the build directory).
 # Reproduce a crash with `tools/fuzz/run.sh repro TARGET FILE`.
+#
+# FUZZ_KEEP_GOING=1 runs libFuzzer's fork mode (still one job) and goes on
+# after a crash or out-of-memory, e.g. past a known crash in a dependency;
+# the crashes are counted and saved all the same.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -54,11 +58,20 @@ for t in "${targets[@]}"; do
     echo "== $t: ${seconds}s" >&2
     start=$(date +%s)
     # libFuzzer exits non-zero on the first crash; the table still gets a row.
+    keep=()
+    if [[ ${FUZZ_KEEP_GOING:-0} == 1 ]]; then
+        keep=(-fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1)
+    fi
     cargo fuzz run "${flags[@]}" "$t" "$work/corpus/$t" "corpus/$t" -- \
         -max_total_time="$seconds" -timeout=20 -rss_limit_mb=3072 -max_len=65536 \
-        -print_final_stats=1 -artifact_prefix="$work/artifacts/$t/" >"$log" 2>&1 || status=1
+        -print_final_stats=1 -artifact_prefix="$work/artifacts/$t/" "${keep[@]}" \
+        >"$log" 2>&1 || status=1
     took=$(($(date +%s) - start))
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+    if [[ -z $execs ]]; then
+        # Fork mode reports `#<executions>: cov: ...` lines instead.
+        execs=$(grep -o '^#[0-9]*: cov' "$log" | tr -dc '0-9\n' | tail -1)
+    fi
     crashes=$(find "$work/artifacts/$t" -type f | wc -l)
     printf '%s\t%s\t%s\t%s\n' "$t" "$took" "${execs:-?}" "$crashes" | tee -a "$summary" >&2
 done
