@@ -67,10 +67,10 @@ for t in "${targets[@]}"; do
         -print_final_stats=1 -artifact_prefix="$work/artifacts/$t/" "${keep[@]}" \
         >"$log" 2>&1 || status=1
     took=$(($(date +%s) - start))
-    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1 || true)
     if [[ -z $execs ]]; then
         # Fork mode reports `#<executions>: cov: ...` lines instead.
-        execs=$(grep -o '^#[0-9]*: cov' "$log" | tr -dc '0-9\n' | tail -1)
+        execs=$(grep -o '^#[0-9]*: cov' "$log" | tr -dc '0-9\n' | tail -1 || true)
     fi
     crashes=$(find "$work/artifacts/$t" -type f | wc -l)
     printf '%s\t%s\t%s\t%s\n' "$t" "$took" "${execs:-?}" "$crashes" | tee -a "$summary" >&2

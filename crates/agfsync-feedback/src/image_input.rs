@@ -153,6 +153,9 @@ pub fn decode_image(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Resul
     if format == ImageFormat::Jpeg {
         return decode_jpeg_file(bytes, path, options);
     }
+    if format == ImageFormat::Png {
+        check_png_palette(bytes).map_err(err)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(options.max_pixels.saturating_mul(8).max(1 << 20));
@@ -193,6 +196,32 @@ pub fn decode_image(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Resul
         rgb,
         source_layout: layout,
     })
+}
+
+/// Refuses a PNG whose `PLTE` chunk is not 1 to 256 RGB triples, as
+/// libpng (Pillow's decoder) does. The png crate panics on such a palette
+/// (found by the `image_decode` fuzz target); only the chunks before the
+/// first `IDAT` are walked.
+fn check_png_palette(bytes: &[u8]) -> std::result::Result<(), String> {
+    let mut pos = 8usize;
+    while let Some(head) = bytes.get(pos..pos + 8) {
+        let n = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        match &head[4..8] {
+            b"PLTE" if n == 0 || n % 3 != 0 || n > 3 * 256 => {
+                return Err(format!(
+                    "invalid PNG palette (PLTE chunk of {n} bytes; a palette is 1 to 256 RGB \
+                     triples): damaged file"
+                ))
+            }
+            b"IDAT" | b"IEND" => break,
+            _ => {}
+        }
+        match pos.checked_add(12).and_then(|p| p.checked_add(n)) {
+            Some(next) => pos = next,
+            None => break,
+        }
+    }
+    Ok(())
 }
 
 fn decode_jpeg_file(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Result<LoadedImage> {

@@ -78,3 +78,21 @@ mod fuzz_regressions {
         assert!(err.contains("DC category"), "{err}");
     }
 }
+
+mod fuzz_regressions_png {
+    use super::*;
+
+    #[test]
+    fn png_palette_not_rgb_triples_does_not_panic() {
+        // A PLTE chunk of 2 bytes: the png crate's palette expansion sliced
+        // past its end and panicked.
+        let err = decode_image(
+            include_bytes!("fuzz_regressions/png_palette_not_rgb_triples.png"),
+            Path::new("fuzz.png"),
+            &DecodeOptions::default(),
+        )
+        .expect_err("a 2-byte palette is invalid")
+        .to_string();
+        assert!(err.contains("PLTE"), "{err}");
+    }
+}
