@@ -68,6 +68,37 @@ pub struct HttpConfig {
     /// Send the schema as `response_format` (OpenAI, vLLM, llama.cpp and
     /// recent ollama support it) instead of asking for it in the prompt.
     pub structured_output: bool,
+    /// Answers with a larger body than this many bytes are refused (a
+    /// misbehaving server cannot exhaust memory); default 8 MiB.
+    pub max_response_bytes: u64,
+}
+
+/// The default of [`HttpConfig::max_response_bytes`]: 8 MiB, far above any
+/// chat answer of a few thousand tokens.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 8 << 20;
+
+/// Reads at most `limit` bytes of `reader` as UTF-8 text: `Ok(None)` when
+/// there is more than that (the caller refuses it).
+fn read_limited(reader: impl std::io::Read, limit: u64) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    reader.take(limit.saturating_add(1)).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Ok(None);
+    }
+    String::from_utf8(buf)
+        .map(Some)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// The start of an error body (for the excerpt only, so bounded).
+fn error_body(response: ureq::Response) -> String {
+    let mut buf = Vec::new();
+    let _ = std::io::Read::read_to_end(
+        &mut std::io::Read::take(response.into_reader(), 64 * 1024),
+        &mut buf,
+    );
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 impl Default for HttpConfig {
@@ -85,6 +116,7 @@ impl Default for HttpConfig {
             max_retry_after_s: 300.0,
             max_concurrency: 4,
             structured_output: false,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -270,7 +302,7 @@ impl Llm for HttpLlm {
                 // successes: an answer that is not 2xx is an error here.
                 Ok(response) if !(200..300).contains(&response.status()) => {
                     let status = response.status();
-                    let text = response.into_string().unwrap_or_default();
+                    let text = error_body(response);
                     return Err(AuthorError::Status {
                         url: self.url.clone(),
                         status,
@@ -278,24 +310,38 @@ impl Llm for HttpLlm {
                         body: excerpt(&self.scrub(&text), BODY_EXCERPT),
                     });
                 }
-                Ok(response) => match response.into_string() {
-                    Ok(text) => return self.parse_response(&text),
-                    Err(e) => (
-                        None,
-                        AuthorError::Transport {
-                            url: self.url.clone(),
-                            message: self.scrub(&format!("reading the response: {e}")),
-                            attempts: attempt,
-                            timed_out: is_timeout_io(&e),
-                        },
-                    ),
-                },
+                Ok(response) => {
+                    match read_limited(response.into_reader(), self.config.max_response_bytes) {
+                        Ok(Some(text)) => return self.parse_response(&text),
+                        Ok(None) => {
+                            return Err(AuthorError::BadResponse {
+                                url: self.url.clone(),
+                                reason: format!(
+                                    "the answer is larger than {} bytes; raise `[llm] \
+                                 max_response_bytes` in agfsync.toml if the server is meant \
+                                 to send that much",
+                                    self.config.max_response_bytes
+                                ),
+                                received: String::new(),
+                            })
+                        }
+                        Err(e) => (
+                            None,
+                            AuthorError::Transport {
+                                url: self.url.clone(),
+                                message: self.scrub(&format!("reading the response: {e}")),
+                                attempts: attempt,
+                                timed_out: is_timeout_io(&e),
+                            },
+                        ),
+                    }
+                }
                 Err(ureq::Error::Status(status, response)) => {
                     let retry_after = response
                         .header("Retry-After")
                         .and_then(|h| h.trim().parse::<f64>().ok())
                         .filter(|s| s.is_finite());
-                    let text = response.into_string().unwrap_or_default();
+                    let text = error_body(response);
                     let failure = AuthorError::Status {
                         url: self.url.clone(),
                         status,

@@ -473,3 +473,27 @@ fn key_sources_are_checked() {
     });
     assert!(both.is_err());
 }
+
+#[test]
+fn answer_larger_than_max_response_bytes_is_refused() {
+    let server = serve(vec![ok(&"x".repeat(5000))]);
+    let llm = HttpLlm::new(HttpConfig {
+        max_response_bytes: 1000,
+        ..config(&server)
+    })
+    .unwrap();
+    let err = llm.chat(&request()).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, AuthorError::BadResponse { .. }), "{msg}");
+    assert!(msg.contains("larger than 1000 bytes"), "{msg}");
+    assert!(msg.contains("max_response_bytes"), "{msg}");
+    // Refused once, not retried: a server that sends too much keeps doing so.
+    assert_eq!(server.seen.lock().unwrap().len(), 1);
+    // Within the limit the same answer is read.
+    let server = serve(vec![ok(&"x".repeat(5000))]);
+    let r = HttpLlm::new(config(&server))
+        .unwrap()
+        .chat(&request())
+        .unwrap();
+    assert_eq!(r.text.len(), 5000);
+}

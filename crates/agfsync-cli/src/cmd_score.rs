@@ -24,6 +24,9 @@ pub struct ScoreArgs {
     /// The prompt the images were made from.
     #[arg(long)]
     pub prompt: String,
+    /// Refuse images with more pixels than this (decompression bombs).
+    #[arg(long, default_value_t = agfsync_feedback::image_input::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
     /// Metrics, comma separated: clip, aesthetic, vqa, hps.
     #[arg(long, default_value = "clip")]
     pub metrics: String,
@@ -142,6 +145,10 @@ pub fn run(a: &ScoreArgs) -> Result<()> {
     let scorers = load_scorers(&spec)?;
     let options = ScoreImagesOptions {
         batch_size: a.batch_size,
+        decode: agfsync_feedback::image_input::DecodeOptions {
+            max_pixels: a.max_pixels,
+            ..Default::default()
+        },
         ..ScoreImagesOptions::default()
     };
     let stdout = std::io::stdout();

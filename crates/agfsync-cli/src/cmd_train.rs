@@ -44,6 +44,14 @@ pub struct TrainArgs {
     /// bicubic or lanczos.
     #[arg(long, default_value = "bilinear")]
     pub resize_filter: String,
+    /// Parquet pairs: refuse images with more pixels than this (decompression
+    /// bombs).
+    #[arg(long, default_value_t = agfsync_feedback::image_input::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Parquet pairs: refuse rows (caption and both images) larger than this
+    /// many bytes.
+    #[arg(long, default_value_t = agfsync_dpo::pickapic::DEFAULT_MAX_ROW_BYTES)]
+    pub max_row_bytes: u64,
     /// Output folder: metrics.jsonl, TensorBoard events, checkpoints/, and
     /// the result (pytorch_lora_weights.safetensors, or unet/ with --full).
     #[arg(long)]
@@ -173,6 +181,8 @@ pub fn run(a: &TrainArgs, quiet: bool) -> Result<()> {
             resolution: a.resolution,
             max_bad_fraction: a.max_bad_fraction,
             resize_filter: a.resize_filter.clone(),
+            max_pixels: a.max_pixels,
+            max_row_bytes: a.max_row_bytes,
         };
         import(&src, pairs, &opts, &device)?
     } else {
@@ -224,6 +234,14 @@ pub struct ImportPairsArgs {
     /// Resize filter: bilinear (diffusers' DPO script), bicubic or lanczos.
     #[arg(long, default_value = "bilinear")]
     pub resize_filter: String,
+    /// Refuse images with more pixels than this (decompression
+    /// bombs).
+    #[arg(long, default_value_t = agfsync_feedback::image_input::DEFAULT_MAX_PIXELS)]
+    pub max_pixels: u64,
+    /// Refuse rows (caption and both images) larger than this
+    /// many bytes.
+    #[arg(long, default_value_t = agfsync_dpo::pickapic::DEFAULT_MAX_ROW_BYTES)]
+    pub max_row_bytes: u64,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -237,6 +255,8 @@ pub fn run_import(a: &ImportPairsArgs) -> Result<()> {
         resolution: a.resolution,
         max_bad_fraction: a.max_bad_fraction,
         resize_filter: a.resize_filter.clone(),
+        max_pixels: a.max_pixels,
+        max_row_bytes: a.max_row_bytes,
     };
     let data = import(&src, &a.parquet, &opts, &device)?;
     data.save(&a.out)?;
@@ -249,6 +269,8 @@ struct ParquetOpts {
     resolution: Option<usize>,
     max_bad_fraction: f64,
     resize_filter: String,
+    max_pixels: u64,
+    max_row_bytes: u64,
 }
 
 /// Loads the base model and encodes the Parquet pairs with it, logging the
@@ -277,6 +299,8 @@ fn import(
     let opts = ImportOptions {
         max_bad_fraction: o.max_bad_fraction,
         filter,
+        max_pixels: o.max_pixels,
+        max_row_bytes: o.max_row_bytes,
         ..ImportOptions::new(resolution)
     };
     tracing::info!("encoding the pairs of {}", parquet.display());

@@ -38,7 +38,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
 use parquet::record::Field;
 use parquet::schema::types::Type;
 
@@ -70,7 +70,22 @@ pub struct ImportOptions {
     pub max_bad_fraction: f64,
     /// Pairs per VAE / text-encoder batch.
     pub batch_size: usize,
+    /// Images with more pixels than this are refused (decompression bombs);
+    /// such a row counts as one with an undecodable image.
+    pub max_pixels: u64,
+    /// A row (caption and both images) larger than this many bytes stops
+    /// the import with an error; a row group whose uncompressed size
+    /// exceeds this times its row count is refused before it is read.
+    pub max_row_bytes: u64,
 }
+
+/// The default of [`ImportOptions::max_row_bytes`]: 64 MiB (Pick-a-Pic rows
+/// are a few MB).
+pub const DEFAULT_MAX_ROW_BYTES: u64 = 64 << 20;
+
+/// How a refused row's error says to raise the row limit.
+const RAISE_ROW_BYTES: &str =
+    "raise the limit with `--max-row-bytes` (ImportOptions::max_row_bytes) if the file is trusted";
 
 impl ImportOptions {
     /// Defaults for `resolution`.
@@ -80,6 +95,8 @@ impl ImportOptions {
             filter: Resample::Bilinear,
             max_bad_fraction: 0.05,
             batch_size: 8,
+            max_pixels: agfsync_feedback::image_input::DEFAULT_MAX_PIXELS,
+            max_row_bytes: DEFAULT_MAX_ROW_BYTES,
         }
     }
 }
@@ -208,14 +225,78 @@ pub fn import_parquet(
             opts.resolution
         )));
     }
+    let file = std::fs::File::open(path).map_err(|e| DpoError::io(path, e))?;
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut enc = Encoded::default();
+    let mut report = read_pairs(file, path, opts, &mut |pair, report| {
+        pending.push(pair);
+        if pending.len() >= opts.batch_size.max(1) {
+            encode_batch(sd, &mut pending, opts.resolution, &mut enc, report)?;
+        }
+        Ok(())
+    })?;
+    encode_batch(sd, &mut pending, opts.resolution, &mut enc, &mut report)?;
+    if report.pairs == 0 {
+        return Err(data_err(format!("no usable pair in the file ({report})")));
+    }
+    let cat = |v: &[Tensor]| -> Result<Tensor, DpoError> { Ok(Tensor::cat(v, 0)?) };
+    let added = if enc.text_embeds.is_empty() {
+        None
+    } else {
+        Some(AddedCond {
+            text_embeds: cat(&enc.text_embeds)?,
+            time_ids: cat(&enc.time_ids)?,
+        })
+    };
+    let mut ds = PairDataset::new(
+        cat(&enc.latents_w)?,
+        cat(&enc.latents_l)?,
+        cat(&enc.embeds)?,
+        added,
+    )?;
+    ds.source = path.to_path_buf();
+    Ok((ds, report))
+}
+
+/// Reads, decodes and preprocesses every pair of a Pick-a-Pic-style Parquet
+/// file held in memory, without encoding: the checks of [`import_parquet`]
+/// (columns, labels, images, size limits) and its report, `pairs` counting
+/// the usable rows. `path` only names the file in errors.
+pub fn check_parquet_bytes(
+    bytes: Vec<u8>,
+    path: &Path,
+    opts: &ImportOptions,
+) -> Result<ImportReport, DpoError> {
+    if opts.resolution == 0 {
+        return Err(DpoError::Data {
+            path: path.to_path_buf(),
+            reason: "resolution must be positive".into(),
+        });
+    }
+    read_pairs(bytes::Bytes::from(bytes), path, opts, &mut |_, report| {
+        report.pairs += 1;
+        Ok(())
+    })
+}
+
+/// The row loop of an import: hands each usable pair to `sink`.
+fn read_pairs<R: ChunkReader + 'static>(
+    input: R,
+    path: &Path,
+    opts: &ImportOptions,
+    sink: &mut dyn FnMut(Pending, &mut ImportReport) -> Result<(), DpoError>,
+) -> Result<ImportReport, DpoError> {
+    let data_err = |reason: String| DpoError::Data {
+        path: path.to_path_buf(),
+        reason,
+    };
     if !(0.0..=1.0).contains(&opts.max_bad_fraction) {
         return Err(data_err(format!(
             "max_bad_fraction {} must lie in [0, 1]",
             opts.max_bad_fraction
         )));
     }
-    let file = std::fs::File::open(path).map_err(|e| DpoError::io(path, e))?;
-    let reader = SerializedFileReader::new(file)
+    let reader = SerializedFileReader::new(input)
         .map_err(|e| data_err(format!("not a readable Parquet file: {e}")))?;
     let meta = reader.metadata().file_metadata();
     let schema = meta.schema();
@@ -250,6 +331,19 @@ pub fn import_parquet(
         .with_fields(fields)
         .build()
         .map_err(|e| data_err(format!("projecting the columns: {e}")))?;
+    // Refused before any page is decompressed: a row group larger than the
+    // limit times its rows has at least one row over the limit.
+    for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
+        let rows = u64::try_from(rg.num_rows()).unwrap_or(0);
+        let bytes = u64::try_from(rg.total_byte_size()).unwrap_or(u64::MAX);
+        if bytes > opts.max_row_bytes.saturating_mul(rows.max(1)) {
+            return Err(data_err(format!(
+                "row group {g} holds {bytes} bytes in {rows} rows, more than the {} allowed per \
+                 row; {RAISE_ROW_BYTES}",
+                opts.max_row_bytes
+            )));
+        }
+    }
     let total_rows = usize::try_from(meta.num_rows()).unwrap_or(0);
     let max_bad = opts.max_bad_fraction * total_rows as f64;
     let rows = reader
@@ -257,12 +351,27 @@ pub fn import_parquet(
         .map_err(|e| data_err(format!("reading rows: {e}")))?;
 
     let mut report = ImportReport::default();
-    let mut pending: Vec<Pending> = Vec::new();
-    let mut enc = Encoded::default();
-    let decode_opts = DecodeOptions::default();
+    let decode_opts = DecodeOptions {
+        max_pixels: opts.max_pixels,
+        ..DecodeOptions::default()
+    };
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| data_err(format!("row {i}: {e}")))?;
         report.rows += 1;
+        let size: u64 = row
+            .get_column_iter()
+            .map(|(_, f)| match f {
+                Field::Str(s) => s.len() as u64,
+                Field::Bytes(b) => b.len() as u64,
+                _ => 8,
+            })
+            .sum();
+        if size > opts.max_row_bytes {
+            return Err(data_err(format!(
+                "row {i} holds {size} bytes, more than the {} allowed per row; {RAISE_ROW_BYTES}",
+                opts.max_row_bytes
+            )));
+        }
         let mut caption = None;
         let mut label = None;
         let mut jpg = [None, None];
@@ -335,36 +444,16 @@ pub fn import_parquet(
             report.jpg_1_preferred += 1;
             (loser, winner)
         };
-        pending.push(Pending {
-            caption: caption.unwrap_or_default(),
-            winner,
-            loser,
-        });
-        if pending.len() >= opts.batch_size.max(1) {
-            encode_batch(sd, &mut pending, opts.resolution, &mut enc, &mut report)?;
-        }
+        sink(
+            Pending {
+                caption: caption.unwrap_or_default(),
+                winner,
+                loser,
+            },
+            &mut report,
+        )?;
     }
-    encode_batch(sd, &mut pending, opts.resolution, &mut enc, &mut report)?;
-    if report.pairs == 0 {
-        return Err(data_err(format!("no usable pair in the file ({report})")));
-    }
-    let cat = |v: &[Tensor]| -> Result<Tensor, DpoError> { Ok(Tensor::cat(v, 0)?) };
-    let added = if enc.text_embeds.is_empty() {
-        None
-    } else {
-        Some(AddedCond {
-            text_embeds: cat(&enc.text_embeds)?,
-            time_ids: cat(&enc.time_ids)?,
-        })
-    };
-    let mut ds = PairDataset::new(
-        cat(&enc.latents_w)?,
-        cat(&enc.latents_l)?,
-        cat(&enc.embeds)?,
-        added,
-    )?;
-    ds.source = path.to_path_buf();
-    Ok((ds, report))
+    Ok(report)
 }
 
 /// Encodes and empties `pending`.

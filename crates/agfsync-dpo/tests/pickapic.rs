@@ -254,3 +254,42 @@ fn bad_resolution_and_non_parquet_files_are_clean_errors() -> Result<()> {
     assert!(err.contains("not a readable Parquet file"), "{err}");
     Ok(())
 }
+
+#[test]
+fn parquet_row_over_max_row_bytes_is_refused_with_the_limit_named() -> Result<()> {
+    use agfsync_dpo::pickapic::check_parquet_bytes;
+    let bytes = std::fs::read(pairs_file())?;
+    let opts = ImportOptions {
+        max_bad_fraction: 0.2,
+        ..ImportOptions::new(32)
+    };
+    let report = check_parquet_bytes(bytes.clone(), &pairs_file(), &opts)?;
+    assert_eq!(report.pairs, 5, "{report}");
+    let small = ImportOptions {
+        max_row_bytes: 200,
+        ..opts.clone()
+    };
+    let err = check_parquet_bytes(bytes, &pairs_file(), &small)
+        .expect_err("rows of a few kB are over a 200-byte limit")
+        .to_string();
+    assert!(err.contains("200 allowed per row"), "{err}");
+    assert!(err.contains("--max-row-bytes"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn parquet_image_over_max_pixels_is_refused_with_the_limit_named() -> Result<()> {
+    use agfsync_dpo::pickapic::check_parquet_bytes;
+    let opts = ImportOptions {
+        max_bad_fraction: 1.0,
+        max_pixels: 16,
+        ..ImportOptions::new(32)
+    };
+    let report = check_parquet_bytes(std::fs::read(pairs_file())?, &pairs_file(), &opts)?;
+    assert_eq!(report.pairs, 0, "{report}");
+    assert!(report.bad_images >= 5, "{report}");
+    let first = &report.bad_examples[0];
+    assert!(first.contains("16 pixels allowed"), "{first}");
+    assert!(first.contains("--max-pixels"), "{first}");
+    Ok(())
+}

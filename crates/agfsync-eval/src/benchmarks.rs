@@ -51,17 +51,48 @@ fn format_err(path: &Path, reason: String) -> EvalError {
     }
 }
 
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|source| EvalError::Io {
+/// The largest benchmark file read by default (256 MiB; TIFA v1.0 is 3 MB).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 256 << 20;
+
+fn read_json(path: &Path, max_bytes: u64) -> Result<serde_json::Value> {
+    let io = |source| EvalError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    serde_json::from_str(&text).map_err(|e| format_err(path, format!("not JSON: {e}")))
+    };
+    let len = std::fs::metadata(path).map_err(io)?.len();
+    if len > max_bytes {
+        return Err(format_err(
+            path,
+            format!(
+                "the file is {len} bytes, more than the {max_bytes} allowed; raise \
+                 `[limits] max_input_file_bytes` in agfsync.toml if it is meant"
+            ),
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    parse_json(&text, path)
+}
+
+fn parse_json(text: &str, path: &Path) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| format_err(path, format!("not JSON: {e}")))
 }
 
 /// Reads TIFA v1.0's question file, grouped by caption id in first-seen order.
 pub fn read_tifa(path: &Path) -> Result<Vec<TifaCaption>> {
-    let v = read_json(path)?;
+    read_tifa_with(path, DEFAULT_MAX_FILE_BYTES)
+}
+
+/// [`read_tifa`], refusing a file larger than `max_bytes`.
+pub fn read_tifa_with(path: &Path, max_bytes: u64) -> Result<Vec<TifaCaption>> {
+    parse_tifa_value(&read_json(path, max_bytes)?, path)
+}
+
+/// Parses the text of a TIFA v1.0 question file (`path` names it in errors).
+pub fn parse_tifa(text: &str, path: &Path) -> Result<Vec<TifaCaption>> {
+    parse_tifa_value(&parse_json(text, path)?, path)
+}
+
+fn parse_tifa_value(v: &serde_json::Value, path: &Path) -> Result<Vec<TifaCaption>> {
     let list = v.as_array().ok_or_else(|| {
         format_err(
             path,
@@ -142,26 +173,20 @@ pub const HPS_STYLES: [&str; 4] = ["anime", "concept-art", "paintings", "photo"]
 /// Reads HPSv2 benchmark prompts: a folder with `<style>.json` files (a
 /// list of strings each) or one JSON object `{style: [prompts]}`.
 pub fn read_hps_prompts(path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
-    let strings = |v: &serde_json::Value, file: &Path, style: &str| -> Result<Vec<String>> {
-        v.as_array()
-            .ok_or_else(|| {
-                format_err(file, format!("style `{style}`: expected a list of prompts"))
-            })?
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                p.as_str().map(str::to_string).ok_or_else(|| {
-                    format_err(file, format!("style `{style}`, prompt {i}: not a string"))
-                })
-            })
-            .collect()
-    };
+    read_hps_prompts_with(path, DEFAULT_MAX_FILE_BYTES)
+}
+
+/// [`read_hps_prompts`], refusing a file larger than `max_bytes`.
+pub fn read_hps_prompts_with(path: &Path, max_bytes: u64) -> Result<BTreeMap<String, Vec<String>>> {
     let mut out = BTreeMap::new();
     if path.is_dir() {
         for style in HPS_STYLES {
             let f = path.join(format!("{style}.json"));
             if f.is_file() {
-                out.insert(style.to_string(), strings(&read_json(&f)?, &f, style)?);
+                out.insert(
+                    style.to_string(),
+                    hps_strings(&read_json(&f, max_bytes)?, &f, style)?,
+                );
             }
         }
         if out.is_empty() {
@@ -174,18 +199,46 @@ pub fn read_hps_prompts(path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
             ));
         }
     } else {
-        let v = read_json(path)?;
-        let obj = v.as_object().ok_or_else(|| {
-            format_err(
-                path,
-                "expected an object mapping each style to its prompts".into(),
-            )
-        })?;
-        for (style, list) in obj {
-            out.insert(style.clone(), strings(list, path, style)?);
-        }
+        out = parse_hps_prompts(&read_json(path, max_bytes)?, path)?;
     }
     Ok(out)
+}
+
+/// Parses one HPSv2 prompt file's JSON: `{style: [prompts]}` (`path`
+/// names it in errors).
+pub fn parse_hps_prompts(
+    v: &serde_json::Value,
+    path: &Path,
+) -> Result<BTreeMap<String, Vec<String>>> {
+    let obj = v.as_object().ok_or_else(|| {
+        format_err(
+            path,
+            "expected an object mapping each style to its prompts".into(),
+        )
+    })?;
+    let mut out = BTreeMap::new();
+    for (style, list) in obj {
+        out.insert(style.clone(), hps_strings(list, path, style)?);
+    }
+    Ok(out)
+}
+
+/// Parses the text of one HPSv2 prompt file (`{style: [prompts]}`).
+pub fn parse_hps_prompts_text(text: &str, path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
+    parse_hps_prompts(&parse_json(text, path)?, path)
+}
+
+fn hps_strings(v: &serde_json::Value, file: &Path, style: &str) -> Result<Vec<String>> {
+    v.as_array()
+        .ok_or_else(|| format_err(file, format!("style `{style}`: expected a list of prompts")))?
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            p.as_str().map(str::to_string).ok_or_else(|| {
+                format_err(file, format!("style `{style}`, prompt {i}: not a string"))
+            })
+        })
+        .collect()
 }
 
 /// Lower-cases and trims punctuation and whitespace.

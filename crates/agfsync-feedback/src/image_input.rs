@@ -47,6 +47,14 @@ pub enum Grey16 {
     Scale,
 }
 
+/// How a refused image's error says to raise the pixel limit.
+pub const RAISE_PIXELS: &str = "raise the limit with `[limits] max_image_pixels` in agfsync.toml \
+     or `--max-pixels` on the command line if the image is trusted";
+
+/// The default of [`DecodeOptions::max_pixels`]: Pillow's own refusal
+/// threshold (twice its 89 Mpx warning).
+pub const DEFAULT_MAX_PIXELS: u64 = 178_956_970;
+
 /// Options for [`load_image`] and [`decode_image`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DecodeOptions {
@@ -63,8 +71,7 @@ impl Default for DecodeOptions {
         Self {
             grey16: Grey16::default(),
             apply_exif_orientation: false,
-            // Pillow warns above 89 Mpx and refuses above twice that.
-            max_pixels: 178_956_970,
+            max_pixels: DEFAULT_MAX_PIXELS,
         }
     }
 }
@@ -146,6 +153,9 @@ pub fn decode_image(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Resul
     if format == ImageFormat::Jpeg {
         return decode_jpeg_file(bytes, path, options);
     }
+    if format == ImageFormat::Png {
+        check_png_palette(bytes).map_err(err)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(options.max_pixels.saturating_mul(8).max(1 << 20));
@@ -159,7 +169,7 @@ pub fn decode_image(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Resul
     }
     if u64::from(w) * u64::from(h) > options.max_pixels {
         return Err(err(format!(
-            "{w}x{h} is more than the {} pixels allowed (decompression bomb guard)",
+            "{w}x{h} is more than the {} pixels allowed (decompression bomb guard); {RAISE_PIXELS}",
             options.max_pixels
         )));
     }
@@ -188,20 +198,47 @@ pub fn decode_image(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Resul
     })
 }
 
+/// Refuses a PNG whose `PLTE` chunk is not 1 to 256 RGB triples, as
+/// libpng (Pillow's decoder) does. The png crate panics on such a palette
+/// (found by the `image_decode` fuzz target); only the chunks before the
+/// first `IDAT` are walked.
+fn check_png_palette(bytes: &[u8]) -> std::result::Result<(), String> {
+    let mut pos = 8usize;
+    while let Some(head) = bytes.get(pos..pos + 8) {
+        let n = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        match &head[4..8] {
+            b"PLTE" if n == 0 || n % 3 != 0 || n > 3 * 256 => {
+                return Err(format!(
+                    "invalid PNG palette (PLTE chunk of {n} bytes; a palette is 1 to 256 RGB \
+                     triples): damaged file"
+                ))
+            }
+            b"IDAT" | b"IEND" => break,
+            _ => {}
+        }
+        match pos.checked_add(12).and_then(|p| p.checked_add(n)) {
+            Some(next) => pos = next,
+            None => break,
+        }
+    }
+    Ok(())
+}
+
 fn decode_jpeg_file(bytes: &[u8], path: &Path, options: &DecodeOptions) -> Result<LoadedImage> {
     let err = |reason: String| FeedbackError::Image {
         path: path.to_path_buf(),
         reason,
     };
-    let img =
-        jpeg::decode_jpeg(bytes).map_err(|e| err(format!("cannot decode the JPEG data: {e}")))?;
+    // The limit is checked on the frame header, before any pixel memory is
+    // allocated.
+    let img = jpeg::decode_jpeg_limited(bytes, options.max_pixels).map_err(|e| {
+        if e.contains("pixels allowed") {
+            err(format!("{e}; {}", RAISE_PIXELS))
+        } else {
+            err(format!("cannot decode the JPEG data: {e}"))
+        }
+    })?;
     let (w, h) = (img.width as u32, img.height as u32);
-    if u64::from(w) * u64::from(h) > options.max_pixels {
-        return Err(err(format!(
-            "{w}x{h} is more than the {} pixels allowed (decompression bomb guard)",
-            options.max_pixels
-        )));
-    }
     let (layout, rgb) = match img.pixels {
         JpegPixels::Grey(g) => ("JPEG L", g.iter().flat_map(|&v| [v, v, v]).collect()),
         JpegPixels::Rgb(rgb) => ("JPEG RGB", rgb),

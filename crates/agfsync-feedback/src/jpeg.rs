@@ -292,6 +292,13 @@ fn be16(d: &[u8], at: usize) -> Result<usize, String> {
 
 /// Decodes a JPEG file held in memory.
 pub fn decode_jpeg(data: &[u8]) -> Result<JpegImage, String> {
+    decode_jpeg_limited(data, u64::MAX)
+}
+
+/// [`decode_jpeg`], refusing a frame of more than `max_pixels` pixels as
+/// soon as its header is read, before any pixel memory is allocated (a few
+/// bytes of header can otherwise ask for gigabytes).
+pub fn decode_jpeg_limited(data: &[u8], max_pixels: u64) -> Result<JpegImage, String> {
     if data.len() < 4 || data[0] != 0xFF || data[1] != 0xD8 {
         return Err("not a JPEG file (no SOI marker)".into());
     }
@@ -384,7 +391,7 @@ pub fn decode_jpeg(data: &[u8]) -> Result<JpegImage, String> {
                 if frame.is_some() {
                     return Err("JPEG has several frames".into());
                 }
-                frame = Some(parse_frame(seg, marker == 0xC2)?);
+                frame = Some(parse_frame(seg, marker == 0xC2, max_pixels)?);
             }
             0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => {
                 return Err(format!(
@@ -415,7 +422,7 @@ pub fn decode_jpeg(data: &[u8]) -> Result<JpegImage, String> {
     finish(f, &qt, saw_jfif, adobe)
 }
 
-fn parse_frame(seg: &[u8], progressive: bool) -> Result<Frame, String> {
+fn parse_frame(seg: &[u8], progressive: bool, max_pixels: u64) -> Result<Frame, String> {
     if seg.len() < 6 {
         return Err("truncated frame header".into());
     }
@@ -427,6 +434,11 @@ fn parse_frame(seg: &[u8], progressive: bool) -> Result<Frame, String> {
     let n = usize::from(seg[5]);
     if width == 0 || height == 0 {
         return Err("JPEG with zero width or height (DNL) is not supported".into());
+    }
+    if (width as u64) * (height as u64) > max_pixels {
+        return Err(format!(
+            "{width}x{height} is more than the {max_pixels} pixels allowed (decompression bomb guard)"
+        ));
     }
     if !matches!(n, 1 | 3 | 4) {
         return Err(format!("{n}-component JPEGs are not supported"));
@@ -560,9 +572,8 @@ fn decode_scan(
                         )?;
                     } else if ss == 0 {
                         if ah == 0 {
-                            let t = u32::from(bits.decode(table(dc, c.dc_table)?)?);
-                            pred += bits.receive_extend(t);
-                            block[0] = pred << al;
+                            pred = pred.wrapping_add(dc_diff(&mut bits, table(dc, c.dc_table)?)?);
+                            block[0] = pred.wrapping_shl(al);
                         } else if bits.bit() {
                             block[0] |= 1 << al;
                         }
@@ -615,6 +626,18 @@ fn table(t: &[Option<Huffman>; 4], i: usize) -> Result<&Huffman, String> {
         .ok_or_else(|| "JPEG scan uses an undefined Huffman table".to_string())
 }
 
+/// A DC difference: its category, then that many bits (T.81 F.2.2.1).
+/// Categories above 15 cannot be coded; libjpeg-turbo refuses such a DC
+/// table (`JERR_BAD_HUFF_TABLE`), and reading more than 32 bits would
+/// overflow.
+fn dc_diff(bits: &mut Bits, dc: &Huffman) -> Result<i32, String> {
+    let t = u32::from(bits.decode(dc)?);
+    if t > 15 {
+        return Err(format!("bad Huffman table: DC category {t} (at most 15)"));
+    }
+    Ok(bits.receive_extend(t))
+}
+
 fn decode_baseline(
     bits: &mut Bits,
     block: &mut [i32; 64],
@@ -622,8 +645,7 @@ fn decode_baseline(
     dc: &Huffman,
     ac: &Huffman,
 ) -> Result<(), String> {
-    let t = u32::from(bits.decode(dc)?);
-    *pred += bits.receive_extend(t);
+    *pred = pred.wrapping_add(dc_diff(bits, dc)?);
     block[0] = *pred;
     let mut k = 1;
     while k < 64 {

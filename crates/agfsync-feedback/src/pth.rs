@@ -15,7 +15,7 @@
 //! must: unpickling it in Python would run code or build arbitrary objects.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Seek};
 use std::path::{Path, PathBuf};
 
 use candle_core::pickle::{Object, Stack};
@@ -38,15 +38,26 @@ struct TensorRef {
 /// that is not a tensor (see the module docs). Tensors are returned in the
 /// pickle's order, on the CPU, in their stored dtype.
 pub fn read_pth_state_dict(path: &Path) -> Result<Vec<(String, Tensor)>> {
-    let err = |reason: String| FeedbackError::Weights {
-        path: path.to_path_buf(),
-        reason,
-    };
     let file = std::fs::File::open(path).map_err(|source| FeedbackError::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
+    read_pth_from(std::io::BufReader::new(file), path)
+}
+
+/// [`read_pth_state_dict`] of a checkpoint held in memory; `path` only
+/// names it in errors. The same checks apply: nothing beyond tensors and
+/// plain containers is accepted, and no code is run.
+pub fn read_pth_bytes(bytes: &[u8], path: &Path) -> Result<Vec<(String, Tensor)>> {
+    read_pth_from(std::io::Cursor::new(bytes), path)
+}
+
+fn read_pth_from<R: Read + Seek>(reader: R, path: &Path) -> Result<Vec<(String, Tensor)>> {
+    let err = |reason: String| FeedbackError::Weights {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut zip = zip::ZipArchive::new(reader).map_err(|e| {
         err(format!(
             "not a PyTorch zip checkpoint ({e}); files saved by torch < 1.6 or with \
              _use_new_zipfile_serialization=False are not supported: re-save with a recent \

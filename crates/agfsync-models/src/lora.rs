@@ -322,6 +322,7 @@ fn read_safetensors(path: &Path) -> Result<RawFile, LoraError> {
             }
             None => return Err(bad(format!("tensor `{name}` has no data_offsets"))),
         }
+        crate::weights::check_shape(name, entry).map_err(&bad)?;
     }
     let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| bad(e.to_string()))?;

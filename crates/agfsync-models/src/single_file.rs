@@ -925,6 +925,77 @@ impl fmt::Debug for SingleFile {
     }
 }
 
+/// What a single-file checkpoint holds, from its tensors' shapes; `load`
+/// reads one tensor (only a scalar `global_step`).
+fn inspect(
+    path: &Path,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    load: impl Fn(&str) -> candle_core::Result<Tensor>,
+) -> Result<SingleFileInfo, SingleFileError> {
+    let family = match detect_family(shapes) {
+        Ok(f) => Some(f),
+        Err(SingleFileError::UnknownFamily { .. }) => None,
+        Err(e) => return Err(e.at(path)),
+    };
+    let unet_weights = unet_weights(shapes).unwrap_or(UnetWeights::Regular);
+    let ctx = context_dim(shapes, unet_weights == UnetWeights::EmaOnly);
+    let vae_prefix = VAE_PREFIXES
+        .iter()
+        .find(|p| {
+            has_prefix(shapes, &format!("{p}encoder."))
+                || has_prefix(shapes, &format!("{p}decoder."))
+        })
+        .map(|p| p.to_string());
+    let text_encoders = match family {
+        Some(SdFamily::Xl) => vec![
+            text_encoder_at(shapes, "conditioner.embedders.0."),
+            text_encoder_at(shapes, "conditioner.embedders.1."),
+        ],
+        _ => vec![text_encoder_at(shapes, "cond_stage_model.")],
+    };
+    let global_step = match shapes.get("global_step") {
+        Some(s) if s.iter().product::<usize>() == 1 => load("global_step")
+            .and_then(|t| t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>())
+            .ok()
+            .and_then(|v| v.first().copied()),
+        _ => None,
+    };
+    let info = SingleFileInfo {
+        path: path.to_path_buf(),
+        family,
+        unet_weights,
+        context_dim: ctx,
+        vae_prefix,
+        text_encoders,
+        global_step,
+        tensor_count: shapes.len(),
+    };
+    Ok(info)
+}
+
+/// The checks and inspection of [`SingleFile::open`] on a safetensors file
+/// held in memory (`path` only names it in errors): header and byte ranges
+/// validated, tensors parsed by the safetensors crate, family, UNet weights,
+/// VAE and text encoders detected.
+pub fn inspect_safetensors_bytes(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<SingleFileInfo, SingleFileError> {
+    crate::weights::check_safetensors_bytes(bytes, path)?;
+    let st = candle_core::safetensors::SliceSafetensors::new(bytes).map_err(|source| {
+        ModelError::Weights {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        }
+    })?;
+    let shapes: BTreeMap<String, Vec<usize>> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect();
+    inspect(path, &shapes, |name| st.load(name, &Device::Cpu))
+}
+
 impl SingleFile {
     /// Validates and memory-maps `path`, and inspects its tensors (family,
     /// UNet weights, VAE and text encoders present). Unreadable files (missing,
@@ -967,45 +1038,7 @@ impl SingleFile {
             .into_iter()
             .map(|(k, v)| (k, v.shape().to_vec()))
             .collect();
-        let family = match detect_family(&shapes) {
-            Ok(f) => Some(f),
-            Err(SingleFileError::UnknownFamily { .. }) => None,
-            Err(e) => return Err(e.at(path)),
-        };
-        let unet_weights = unet_weights(&shapes).unwrap_or(UnetWeights::Regular);
-        let ctx = context_dim(&shapes, unet_weights == UnetWeights::EmaOnly);
-        let vae_prefix = VAE_PREFIXES
-            .iter()
-            .find(|p| {
-                has_prefix(&shapes, &format!("{p}encoder."))
-                    || has_prefix(&shapes, &format!("{p}decoder."))
-            })
-            .map(|p| p.to_string());
-        let text_encoders = match family {
-            Some(SdFamily::Xl) => vec![
-                text_encoder_at(&shapes, "conditioner.embedders.0."),
-                text_encoder_at(&shapes, "conditioner.embedders.1."),
-            ],
-            _ => vec![text_encoder_at(&shapes, "cond_stage_model.")],
-        };
-        let global_step = match shapes.get("global_step") {
-            Some(s) if s.iter().product::<usize>() == 1 => st
-                .load("global_step", &Device::Cpu)
-                .and_then(|t| t.flatten_all()?.to_dtype(DType::I64)?.to_vec1::<i64>())
-                .ok()
-                .and_then(|v| v.first().copied()),
-            _ => None,
-        };
-        let info = SingleFileInfo {
-            path: path.to_path_buf(),
-            family,
-            unet_weights,
-            context_dim: ctx,
-            vae_prefix,
-            text_encoders,
-            global_step,
-            tensor_count: shapes.len(),
-        };
+        let info = inspect(path, &shapes, |name| st.load(name, &Device::Cpu))?;
         Ok(Self {
             inner: Arc::new(FileInner {
                 st,

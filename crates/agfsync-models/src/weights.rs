@@ -48,7 +48,23 @@ pub fn open_safetensors(
 /// Validates a safetensors file's header and that the file holds every byte
 /// the header promises, without mapping it.
 fn check_header(path: &Path) -> Result<()> {
-    use std::io::Read;
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let f = std::fs::File::open(path).map_err(io)?;
+    let len = f.metadata().map_err(io)?.len();
+    check_header_from(f, len, path)
+}
+
+/// The checks [`open_safetensors`] makes on each file before mapping it
+/// (header length, header JSON, every tensor's bytes present), on a file
+/// held in memory; `path` only names it in errors.
+pub fn check_safetensors_bytes(bytes: &[u8], path: &Path) -> Result<()> {
+    check_header_from(bytes, bytes.len() as u64, path)
+}
+
+fn check_header_from(mut f: impl std::io::Read, len: u64, path: &Path) -> Result<()> {
     let err = |msg: String| ModelError::Weights {
         path: path.to_path_buf(),
         source: Box::new(candle_core::Error::Msg(msg)),
@@ -57,8 +73,6 @@ fn check_header(path: &Path) -> Result<()> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = std::fs::File::open(path).map_err(io)?;
-    let len = f.metadata().map_err(io)?.len();
     let mut n = [0u8; 8];
     f.read_exact(&mut n).map_err(|_| {
         err(format!(
@@ -87,6 +101,7 @@ fn check_header(path: &Path) -> Result<()> {
                 .ok_or_else(|| err(format!("tensor `{name}` has no data_offsets")))?;
             let stop = offsets.get(1).and_then(|x| x.as_u64()).unwrap_or(0);
             end = end.max(stop);
+            check_shape(name, info).map_err(&err)?;
         }
     }
     let have = len - 8 - header_len;
@@ -94,6 +109,28 @@ fn check_header(path: &Path) -> Result<()> {
         return Err(err(format!(
             "the header promises {end} bytes of tensor data but the file holds {have} (truncated)"
         )));
+    }
+    Ok(())
+}
+
+/// Refuses a header entry whose shape no tensor can have: the product of
+/// its dimensions (zeros counted as ones) overflows. The safetensors crate
+/// accepts such a shape when one dimension is 0 (no bytes needed), and
+/// candle's stride computation then overflows.
+pub fn check_shape(name: &str, info: &serde_json::Value) -> std::result::Result<(), String> {
+    let Some(shape) = info.get("shape").and_then(|s| s.as_array()) else {
+        return Ok(()); // the safetensors crate reports a missing shape
+    };
+    let mut n: usize = 1;
+    for d in shape {
+        let d = d
+            .as_u64()
+            .and_then(|d| usize::try_from(d).ok())
+            .ok_or_else(|| format!("tensor `{name}` has a dimension {d} that is not a size"))?;
+        n = n
+            .checked_mul(d.max(1))
+            .filter(|n| *n <= isize::MAX as usize)
+            .ok_or_else(|| format!("tensor `{name}` has an impossible shape {shape:?}"))?;
     }
     Ok(())
 }

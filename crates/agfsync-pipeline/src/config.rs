@@ -82,6 +82,54 @@ pub struct RunConfig {
     /// Evaluation of base and tuned models.
     #[serde(default)]
     pub eval: EvalSection,
+    /// Bounds on outside input (image sizes, prompt lengths, file sizes).
+    #[serde(default)]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: inputs beyond these are refused with an error naming the
+/// limit, instead of exhausting memory. Raise them for trusted inputs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Images (candidates, evaluation images) with more pixels than this are
+    /// refused before their pixels are decoded (default 178,956,970, the
+    /// size Pillow refuses).
+    pub max_image_pixels: u64,
+    /// Prompts and captions longer than this many characters (prompt files,
+    /// TIFA questions) are refused (default 4000; CLIP reads 77 tokens).
+    pub max_prompt_chars: usize,
+    /// Prompt, TIFA and HPSv2 files larger than this many bytes are refused
+    /// before they are read (default 256 MiB).
+    pub max_input_file_bytes: u64,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        Self {
+            max_image_pixels: agfsync_feedback::image_input::DEFAULT_MAX_PIXELS,
+            max_prompt_chars: crate::prompts::DEFAULT_MAX_PROMPT_CHARS,
+            max_input_file_bytes: crate::prompts::DEFAULT_MAX_INPUT_FILE_BYTES,
+        }
+    }
+}
+
+impl LimitsSection {
+    /// The limits that apply to prompt and question files.
+    pub fn input(&self) -> crate::prompts::InputLimits {
+        crate::prompts::InputLimits {
+            max_prompt_chars: self.max_prompt_chars,
+            max_file_bytes: self.max_input_file_bytes,
+        }
+    }
+
+    /// Image decoding options with this pixel limit.
+    pub fn decode_options(&self) -> agfsync_feedback::image_input::DecodeOptions {
+        agfsync_feedback::image_input::DecodeOptions {
+            max_pixels: self.max_image_pixels,
+            ..Default::default()
+        }
+    }
 }
 
 /// `[eval]`: base against tuned on a benchmark (`agfsync eval`, `agfsync report`).
@@ -492,6 +540,10 @@ impl RunConfig {
         if self.llm.is_some() && self.local_llm.is_some() {
             return bad("give [llm] (a server) or [local_llm] (in process), not both".into());
         }
+        let l = &self.limits;
+        if l.max_image_pixels == 0 || l.max_prompt_chars == 0 || l.max_input_file_bytes == 0 {
+            return bad("limits.* must be at least 1".into());
+        }
         if self.pairs.min_gap < 0.0 {
             return bad("pairs.min_gap must not be negative".into());
         }
@@ -667,7 +719,13 @@ fn template_text(preset: Preset) -> String {
          resamples = 2000\n\
          # base, tuned (this run's LoRA) or NAME=PATH (a LoRA file or a pipeline folder).\n\
          models = [\"base\", \"tuned\"]\n\
-         enabled = true\n"
+         enabled = true\n\
+         \n\
+         # [limits]\n\
+         # Outside input beyond these is refused (raise them for trusted files).\n\
+         # max_image_pixels = 178956970\n\
+         # max_prompt_chars = 4000\n\
+         # max_input_file_bytes = 268435456\n"
     )
 }
 

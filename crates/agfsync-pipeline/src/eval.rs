@@ -18,17 +18,17 @@ use agfsync_diffusion::pipeline::{
 };
 use agfsync_diffusion::rng::Generator;
 use agfsync_dpo::data::mix;
-use agfsync_eval::benchmarks::{read_hps_prompts, read_tifa};
+use agfsync_eval::benchmarks::{read_hps_prompts_with, read_tifa_with};
 use agfsync_eval::report::{GridRow, MetricSummary, Report, TrainPoint};
 use agfsync_eval::stats::{chunked_mean_std, paired_bootstrap, PairedComparison};
-use agfsync_feedback::image_input::{load_image, DecodeOptions};
+use agfsync_feedback::image_input::load_image;
 use agfsync_feedback::score_images::score_loaded;
 use agfsync_feedback::scorer::{Question, ScoreRequest};
 use agfsync_models::lora::{apply_lora, LoraFile, LoraMode, LoraTargets};
 use agfsync_store::{resolve_inside, write_file_atomic, EvalItemRecord, EvalScoreRecord};
 
 use crate::error::{PipelineError, Result};
-use crate::prompts::{builtin_prompts, read_prompt_file};
+use crate::prompts::{builtin_prompts, read_prompt_file_with};
 use crate::run::{Run, StageContext};
 use crate::stages::{encode_png, StageReport};
 
@@ -46,6 +46,7 @@ pub struct EvalPrompt {
 /// The benchmark's name (used in paths and rows) and its prompts.
 pub fn benchmark(run: &Run) -> Result<(String, Vec<EvalPrompt>)> {
     let spec = run.config.eval.benchmark.clone();
+    let limits = run.config.limits.input();
     let (name, mut items): (String, Vec<EvalPrompt>) = if spec == "builtin" {
         // The built-in prompts come with questions: VQA then scores them.
         let items = builtin_prompts()
@@ -68,7 +69,7 @@ pub fn benchmark(run: &Run) -> Result<(String, Vec<EvalPrompt>)> {
             .collect();
         ("builtin".to_string(), items)
     } else if let Some(path) = spec.strip_prefix("tifa:") {
-        let caps = read_tifa(&run.root.join(path))?;
+        let caps = read_tifa_with(&run.root.join(path), limits.max_file_bytes)?;
         let items = caps
             .into_iter()
             .map(|c| EvalPrompt {
@@ -89,7 +90,7 @@ pub fn benchmark(run: &Run) -> Result<(String, Vec<EvalPrompt>)> {
             .collect();
         ("tifa".to_string(), items)
     } else if let Some(path) = spec.strip_prefix("hps:") {
-        let styles = read_hps_prompts(&run.root.join(path))?;
+        let styles = read_hps_prompts_with(&run.root.join(path), limits.max_file_bytes)?;
         let items = styles
             .into_iter()
             .flat_map(|(style, prompts)| {
@@ -102,7 +103,7 @@ pub fn benchmark(run: &Run) -> Result<(String, Vec<EvalPrompt>)> {
             .collect();
         ("hps".to_string(), items)
     } else {
-        let items = read_prompt_file(&run.root.join(&spec))?
+        let items = read_prompt_file_with(&run.root.join(&spec), &limits)?
             .into_iter()
             .map(|p| EvalPrompt {
                 prompt: p.text,
@@ -114,6 +115,12 @@ pub fn benchmark(run: &Run) -> Result<(String, Vec<EvalPrompt>)> {
     };
     if run.config.eval.limit > 0 {
         items.truncate(run.config.eval.limit);
+    }
+    let source = run
+        .root
+        .join(spec.split_once(':').map_or(spec.as_str(), |(_, p)| p));
+    for (i, item) in items.iter().enumerate() {
+        limits.check_chars(&source, &format!("prompt {}", i + 1), &item.prompt)?;
     }
     Ok((name, items))
 }
@@ -374,7 +381,7 @@ fn score_all(
         return Ok(0);
     }
     let scorers = crate::stages::load_scorers_for(run, &metrics)?;
-    let decode = DecodeOptions::default();
+    let decode = run.config.limits.decode_options();
     ctx.progress.begin("eval score", todo.len() as u64);
     // One batch per benchmark item: every model's image of that prompt,
     // scored together against the item's prompt and questions.

@@ -514,13 +514,88 @@ fn input_err(path: &Path, reason: String) -> PipelineError {
     }
 }
 
+/// The default of `[limits] max_prompt_chars`.
+pub const DEFAULT_MAX_PROMPT_CHARS: usize = 4000;
+
+/// The default of `[limits] max_input_file_bytes` (256 MiB).
+pub const DEFAULT_MAX_INPUT_FILE_BYTES: u64 = 256 << 20;
+
+/// Bounds on prompt and question files (`[limits]` of agfsync.toml).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InputLimits {
+    /// The longest prompt, caption or question accepted, in characters.
+    pub max_prompt_chars: usize,
+    /// The largest file read, in bytes.
+    pub max_file_bytes: u64,
+}
+
+impl Default for InputLimits {
+    fn default() -> Self {
+        Self {
+            max_prompt_chars: DEFAULT_MAX_PROMPT_CHARS,
+            max_file_bytes: DEFAULT_MAX_INPUT_FILE_BYTES,
+        }
+    }
+}
+
+impl InputLimits {
+    /// Refuses `text` (what `what` names) when it is longer than the limit.
+    pub(crate) fn check_chars(&self, path: &Path, what: &str, text: &str) -> Result<()> {
+        // Counting stops at the limit: a huge line costs no more than that.
+        if text.chars().nth(self.max_prompt_chars).is_some() {
+            return Err(input_err(
+                path,
+                format!(
+                    "{what} is longer than {} characters (starts {:?}); raise                      `[limits] max_prompt_chars` in agfsync.toml if it is meant",
+                    self.max_prompt_chars,
+                    text.chars().take(60).collect::<String>()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Reads `path` as UTF-8 text, refusing a file larger than `max_bytes`
+/// before reading it (the error names the limit and how to raise it).
+pub fn read_text_limited(path: &Path, max_bytes: u64) -> Result<String> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| PipelineError::io(path, e))?
+        .len();
+    if len > max_bytes {
+        return Err(input_err(
+            path,
+            format!(
+                "the file is {len} bytes, more than the {max_bytes} allowed; raise                  `[limits] max_input_file_bytes` in agfsync.toml if it is meant"
+            ),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))
+}
+
 /// Reads a prompt list: `.txt` (one prompt a line; `#` comments and blank
 /// lines skipped), `.jsonl` (`{"prompt": "...", "category": "..."}`, `text`
 /// or `caption` accepted for `prompt`) or `.csv` (header with a `prompt` or
 /// `caption` column and an optional `category` column; double-quoted fields).
 /// Duplicates (same category and text) are kept once; `ord` is the line order.
+/// The default [`InputLimits`] apply.
 pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptRecord>> {
-    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
+    read_prompt_file_with(path, &InputLimits::default())
+}
+
+/// [`read_prompt_file`] with other limits.
+pub fn read_prompt_file_with(path: &Path, limits: &InputLimits) -> Result<Vec<PromptRecord>> {
+    let text = read_text_limited(path, limits.max_file_bytes)?;
+    parse_prompt_text(&text, path, limits)
+}
+
+/// Parses the text of a prompt file; `path` gives the format (its
+/// extension), the records' `source` (its file name) and names it in errors.
+pub fn parse_prompt_text(
+    text: &str,
+    path: &Path,
+    limits: &InputLimits,
+) -> Result<Vec<PromptRecord>> {
     let ext = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase())
@@ -604,10 +679,12 @@ pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptRecord>> {
     }
     let mut seen = std::collections::HashSet::new();
     let mut out = Vec::new();
-    for (cat, text) in raw {
+    for (i, (cat, text)) in raw.into_iter().enumerate() {
         if text.is_empty() {
             continue;
         }
+        limits.check_chars(path, &format!("prompt {}", i + 1), &text)?;
+        limits.check_chars(path, &format!("the category of prompt {}", i + 1), &cat)?;
         let pid = prompt_id(&cat, &text);
         if seen.insert(pid.clone()) {
             out.push(PromptRecord {
@@ -665,9 +742,27 @@ struct TifaEntry {
 /// `question`, `choices`, `answer`, `element_type`, `element`; extra TIFA
 /// fields such as `id` are ignored) grouped by caption text. An entry that
 /// does not fit is reported with its position.
+/// The default [`InputLimits`] apply.
 pub fn read_tifa_questions(path: &Path) -> Result<BTreeMap<String, Vec<QuestionRecord>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| PipelineError::io(path, e))?;
-    let v: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+    read_tifa_questions_with(path, &InputLimits::default())
+}
+
+/// [`read_tifa_questions`] with other limits.
+pub fn read_tifa_questions_with(
+    path: &Path,
+    limits: &InputLimits,
+) -> Result<BTreeMap<String, Vec<QuestionRecord>>> {
+    let text = read_text_limited(path, limits.max_file_bytes)?;
+    parse_tifa_questions(&text, path, limits)
+}
+
+/// Parses the text of a TIFA question file (`path` names it in errors).
+pub fn parse_tifa_questions(
+    text: &str,
+    path: &Path,
+    limits: &InputLimits,
+) -> Result<BTreeMap<String, Vec<QuestionRecord>>> {
+    let v: Vec<serde_json::Value> = serde_json::from_str(text).map_err(|e| {
         input_err(
             path,
             format!("not a TIFA question file (a JSON list of questions): {e}"),
@@ -677,6 +772,8 @@ pub fn read_tifa_questions(path: &Path) -> Result<BTreeMap<String, Vec<QuestionR
     for (i, entry) in v.into_iter().enumerate() {
         let e: TifaEntry = serde_json::from_value(entry)
             .map_err(|err| input_err(path, format!("entry {i}: {err}")))?;
+        limits.check_chars(path, &format!("entry {i}: the caption"), &e.caption)?;
+        limits.check_chars(path, &format!("entry {i}: the question"), &e.question)?;
         let list = out.entry(e.caption).or_default();
         list.push(QuestionRecord {
             pid: String::new(),

@@ -19,7 +19,7 @@ use agfsync_diffusion::pipeline::{
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{build, SchedulerConfig, SchedulerKind};
 use agfsync_dpo::data::mix;
-use agfsync_feedback::image_input::{load_image, DecodeOptions};
+use agfsync_feedback::image_input::load_image;
 use agfsync_feedback::score_images::{load_scorers, score_loaded, Metric, ScorerSpec};
 use agfsync_feedback::scorer::{Question, ScoreRequest, Scorer};
 use agfsync_models::hub::{resolve_model, HubOptions};
@@ -31,7 +31,9 @@ use agfsync_store::{
 
 use crate::combine::{choose_pair, CandidateMetrics};
 use crate::error::{PipelineError, Result};
-use crate::prompts::{builtin_prompts, builtin_questions, read_prompt_file, read_tifa_questions};
+use crate::prompts::{
+    builtin_prompts, builtin_questions, read_prompt_file_with, read_tifa_questions_with,
+};
 use crate::run::{Run, StageContext};
 
 /// The stages, in loop order.
@@ -182,7 +184,7 @@ pub fn configured_prompts(run: &Run) -> Result<Vec<PromptRecord>> {
     let mut all = if src == "builtin" {
         builtin_prompts()
     } else {
-        read_prompt_file(&run.root.join(src))?
+        read_prompt_file_with(&run.root.join(src), &run.config.limits.input())?
     };
     if run.config.prompts.limit > 0 {
         all.truncate(run.config.prompts.limit);
@@ -341,7 +343,10 @@ fn questions_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport>
     let tifa = if src == "builtin" {
         None
     } else {
-        Some(read_tifa_questions(&run.root.join(&src))?)
+        Some(read_tifa_questions_with(
+            &run.root.join(&src),
+            &run.config.limits.input(),
+        )?)
     };
     ctx.progress.begin("questions", prompts.len() as u64);
     let mut missing = 0;
@@ -857,7 +862,7 @@ fn score_stage(run: &mut Run, ctx: &StageContext<'_>) -> Result<StageReport> {
         return Ok(report);
     }
     let scorers = load_run_scorers(run)?;
-    let decode = DecodeOptions::default();
+    let decode = run.config.limits.decode_options();
     ctx.progress.begin("score", todo.len() as u64);
     for p in todo {
         ctx.check_cancel()?;

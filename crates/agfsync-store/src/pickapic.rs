@@ -15,7 +15,7 @@ use std::sync::Arc;
 pub use parquet::basic::Compression;
 use parquet::data_type::{ByteArray, ByteArrayType, DoubleType};
 use parquet::file::properties::WriterProperties;
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
 use parquet::file::writer::SerializedFileWriter;
 use parquet::record::Field;
 use parquet::schema::parser::parse_message_type;
@@ -127,12 +127,57 @@ pub fn write_pickapic_with(path: &Path, rows: &[PickapicRow], codec: Compression
     crate::write_file_atomic(path, &buf)
 }
 
+/// The default row size limit of [`read_pickapic`]: 64 MiB.
+pub const DEFAULT_MAX_ROW_BYTES: u64 = 64 << 20;
+
 /// Reads the Pick-a-Pic columns of a Parquet file (ours or anyone's: the
-/// agfsync columns are optional). Errors name the missing column.
+/// agfsync columns are optional). Errors name the missing column. Rows over
+/// [`DEFAULT_MAX_ROW_BYTES`] are refused.
 pub fn read_pickapic(path: &Path) -> Result<Vec<PickapicRow>> {
-    let e = pq_err(path);
+    read_pickapic_with(path, DEFAULT_MAX_ROW_BYTES)
+}
+
+/// [`read_pickapic`] refusing rows larger than `max_row_bytes`.
+pub fn read_pickapic_with(path: &Path, max_row_bytes: u64) -> Result<Vec<PickapicRow>> {
     let file = std::fs::File::open(path).map_err(|err| StoreError::io(path, err))?;
-    let reader = SerializedFileReader::new(file).map_err(&e)?;
+    read_rows(file, path, max_row_bytes)
+}
+
+/// [`read_pickapic_with`] of a file held in memory (`path` names it in
+/// errors).
+pub fn read_pickapic_bytes(
+    bytes: Vec<u8>,
+    path: &Path,
+    max_row_bytes: u64,
+) -> Result<Vec<PickapicRow>> {
+    read_rows(bytes::Bytes::from(bytes), path, max_row_bytes)
+}
+
+fn read_rows<R: ChunkReader + 'static>(
+    input: R,
+    path: &Path,
+    max_row_bytes: u64,
+) -> Result<Vec<PickapicRow>> {
+    let e = pq_err(path);
+    let reader = SerializedFileReader::new(input).map_err(&e)?;
+    let too_big = |what: String| StoreError::Parquet {
+        path: path.to_path_buf(),
+        reason: format!(
+            "{what}, more than the {max_row_bytes} bytes allowed per row; pass a larger \
+             limit to read_pickapic_with if the file is trusted"
+        ),
+    };
+    // Refused before any page is decompressed: a row group larger than the
+    // limit times its rows has at least one row over the limit.
+    for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
+        let rows = u64::try_from(rg.num_rows()).unwrap_or(0);
+        let bytes = u64::try_from(rg.total_byte_size()).unwrap_or(u64::MAX);
+        if bytes > max_row_bytes.saturating_mul(rows.max(1)) {
+            return Err(too_big(format!(
+                "row group {g} holds {bytes} bytes in {rows} rows"
+            )));
+        }
+    }
     let present: Vec<String> = reader
         .metadata()
         .file_metadata()
@@ -155,6 +200,17 @@ pub fn read_pickapic(path: &Path) -> Result<Vec<PickapicRow>> {
     let mut out = Vec::new();
     for (i, row) in reader.get_row_iter(None).map_err(&e)?.enumerate() {
         let row = row.map_err(&e)?;
+        let size: u64 = row
+            .get_column_iter()
+            .map(|(_, f)| match f {
+                Field::Str(s) => s.len() as u64,
+                Field::Bytes(b) => b.len() as u64,
+                _ => 8,
+            })
+            .sum();
+        if size > max_row_bytes {
+            return Err(too_big(format!("row {i} holds {size} bytes")));
+        }
         let mut r = PickapicRow {
             caption: String::new(),
             jpg_0: Vec::new(),

@@ -146,3 +146,69 @@ fn a_version_one_store_migrates_forward_keeping_its_rows() -> Result<()> {
     assert_eq!(s.eval_items("b")?.len(), 1);
     Ok(())
 }
+
+#[test]
+fn pickapic_row_over_the_limit_is_refused_with_the_limit_named() -> anyhow::Result<()> {
+    use agfsync_store::pickapic::{read_pickapic_bytes, read_pickapic_with, write_pickapic};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("pairs.parquet");
+    let row = agfsync_store::pickapic::PickapicRow {
+        caption: "a cat".into(),
+        jpg_0: vec![7; 3000],
+        jpg_1: vec![8; 3000],
+        label_0: 1.0,
+        prompt_id: String::new(),
+        reason: String::new(),
+    };
+    write_pickapic(&path, &[row.clone(), row])?;
+    assert_eq!(read_pickapic_with(&path, 1 << 20)?.len(), 2);
+    let err = read_pickapic_with(&path, 5000)
+        .expect_err("a 6 kB row is over a 5000-byte limit")
+        .to_string();
+    assert!(err.contains("5000 bytes allowed per row"), "{err}");
+    assert!(err.contains("read_pickapic_with"), "{err}");
+    let bytes = std::fs::read(&path)?;
+    assert!(read_pickapic_bytes(bytes, &path, 5000).is_err());
+    Ok(())
+}
+
+/// Writes the Parquet seeds of the `pickapic_parquet` fuzz target with our
+/// own writer (`cargo test -p agfsync-store --test store -- --ignored
+/// write_fuzz_seeds`).
+#[test]
+#[ignore = "writes fuzz/corpus/pickapic_parquet; run by hand"]
+fn write_fuzz_seeds() -> anyhow::Result<()> {
+    use agfsync_store::pickapic::{write_pickapic_with, Compression, PickapicRow};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let img = |f: &str| std::fs::read(root.join("fixtures/parity/feedback/images").join(f));
+    let out = root.join("fuzz/corpus/pickapic_parquet");
+    std::fs::create_dir_all(&out)?;
+    let row = |label_0: f64, a: Vec<u8>, b: Vec<u8>| PickapicRow {
+        caption: "a red cube".into(),
+        jpg_0: a,
+        jpg_1: b,
+        label_0,
+        prompt_id: "p1".into(),
+        reason: "{}".into(),
+    };
+    let (png, jpg) = (img("bilevel.png")?, img("tiny.jpg")?);
+    write_pickapic_with(
+        &out.join("two_rows.parquet"),
+        &[
+            row(1.0, png.clone(), jpg.clone()),
+            row(0.5, png.clone(), png.clone()),
+        ],
+        Compression::UNCOMPRESSED,
+    )?;
+    write_pickapic_with(
+        &out.join("snappy.parquet"),
+        &[row(0.0, jpg, png.clone())],
+        Compression::SNAPPY,
+    )?;
+    write_pickapic_with(
+        &out.join("bad_image.parquet"),
+        &[row(1.0, b"not an image".to_vec(), png)],
+        Compression::UNCOMPRESSED,
+    )?;
+    Ok(())
+}
