@@ -113,6 +113,16 @@ fn main() -> ExitCode {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() && cli.verbose < 2 {
         std::env::set_var("RUST_LIB_BACKTRACE", "0");
     }
+    // candle looks its thread count up on every CPU matrix product, and
+    // without RAYON_NUM_THREADS that lookup parses /proc/cpuinfo
+    // (num_cpus::get_physical): with small models it took most of the run
+    // time. Fix the count once, to the value candle would choose.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var(
+            "RAYON_NUM_THREADS",
+            num_cpus::get_physical().max(1).to_string(),
+        );
+    }
     let mut cli = cli;
     if let Command::Run(a) = &mut cli.command {
         cmd_pipeline::choose_default_dir(a);

@@ -212,3 +212,20 @@ fn write_fuzz_seeds() -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// Regression (found by the `pickapic_parquet` fuzz target): a 22-byte
+/// Parquet file whose footer declares a list of about two billion elements
+/// made parquet 57 reserve the whole list and abort the process; parquet 60
+/// bounds list sizes by the input, so the file is refused with an error.
+#[test]
+fn parquet_thrift_list_capacity_is_refused_not_aborted() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz_regressions/parquet_thrift_list_capacity.parquet");
+    let bytes = std::fs::read(&path).expect("the regression input is in the repository");
+    let err = agfsync_store::pickapic::read_pickapic_bytes(bytes, &path, 64 << 20)
+        .expect_err("a corrupt footer must be refused");
+    assert!(
+        err.to_string().contains("parquet_thrift_list_capacity"),
+        "{err}"
+    );
+}
