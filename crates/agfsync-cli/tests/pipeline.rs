@@ -171,6 +171,12 @@ fn killed_runs_resume_to_the_uninterrupted_result() -> Result<()> {
         "score.before_commit:2",
         "pairs.before_commit",
         "train.step:3",
+        // The checkpoint at step 4 and the LoRA export, each killed
+        // between writing and renaming into place.
+        "checkpoint.before_rename",
+        "checkpoint.before_latest",
+        "checkpoint.between_renames",
+        "export.before_rename",
         "eval.before_commit:2",
         "eval_score.before_commit:2",
     ] {
@@ -345,6 +351,100 @@ fn bad_shard_specs_and_missing_runs_are_refused() -> Result<()> {
     let out = agfsync(&["init", s(&dir)])?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    Ok(())
+}
+
+/// Moves `file` aside and back, like a model file deleted and restored.
+struct Hidden(PathBuf);
+
+impl Hidden {
+    fn new(file: PathBuf) -> Result<Self> {
+        std::fs::rename(&file, file.with_extension("hidden"))?;
+        Ok(Self(file))
+    }
+}
+
+impl Drop for Hidden {
+    fn drop(&mut self) {
+        let _ = std::fs::rename(self.0.with_extension("hidden"), &self.0);
+    }
+}
+
+/// A clean failure: non-zero exit (not a signal), no panic, and the message
+/// names `needle`.
+fn clean_failure(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains(needle), "{needle} not named: {err}");
+}
+
+#[test]
+fn model_files_that_disappear_mid_run_are_named_and_the_rerun_completes() -> Result<()> {
+    let reference = reference()?;
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("vanishing");
+    init_small(&dir)?;
+    let clip = dir.join("models/tiny-clip/model.safetensors");
+    let unet = dir.join("models/tiny-sd15/unet/diffusion_pytorch_model.safetensors");
+    let unet_copy = tmp.path().join("unet.safetensors");
+    std::fs::copy(&unet, &unet_copy)?;
+
+    // The scorer's weights are gone, and the UNet's file is deleted while
+    // the run is generating with it: generation finishes (the loaded model
+    // does not need the file again), then the score stage stops with an
+    // error naming the folder and the file it looked for.
+    let hidden = Hidden::new(clip)?;
+    let child = bin()
+        .args(["run", s(&dir)])
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let images = dir.join("images");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline
+        && !std::fs::read_dir(&images).is_ok_and(|mut d| d.next().is_some())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::fs::remove_file(&unet)?;
+    let out = child.wait_with_output()?;
+    clean_failure(&out, "tiny-clip");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("model.safetensors"), "{err}");
+    ok(&agfsync(&["status", s(&dir)])?)?;
+    let store = Store::open(&dir)?;
+    store.check_integrity()?;
+    assert_eq!(store.candidates(None)?.len(), 9, "generation completed");
+    assert!(store.scores()?.is_empty(), "nothing scored without CLIP");
+    drop(store);
+
+    // CLIP back, the UNet still gone: scoring and pairs finish, training
+    // stops naming the file, and status says so.
+    drop(hidden);
+    let out = agfsync(&["run", s(&dir)])?;
+    clean_failure(&out, "diffusion_pytorch_model.safetensors");
+    let status = agfsync(&["status", s(&dir), "--json"])?;
+    ok(&status)?;
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout)?;
+    let stage = |name: &str| {
+        status["stages"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["stage"] == name))
+            .cloned()
+            .unwrap_or_default()
+    };
+    for name in ["score", "pairs"] {
+        let st = stage(name);
+        assert!(st["total"].as_u64() > Some(0), "{status}");
+        assert_eq!(st["done"], st["total"], "{status}");
+    }
+    assert_eq!(stage("train")["done"], 0, "{status}");
+
+    // Restored, the run completes to exactly the uninterrupted result.
+    std::fs::copy(&unet_copy, &unet)?;
+    ok(&agfsync(&["run", s(&dir)])?)?;
+    assert_eq!(fingerprint(&dir, true)?, fingerprint(&reference, true)?);
+    assert_eq!(eval_metrics(&dir)?, eval_metrics(&reference)?);
     Ok(())
 }
 

@@ -257,6 +257,8 @@ pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf, DpoError> {
             .map_err(|e| DpoError::io(&state_path, e))?;
     }
     sync_dir(&tmp)?;
+    // Crash tests: every file of the new checkpoint written, nothing renamed.
+    agfsync_fault::point("checkpoint.before_rename");
 
     let final_dir = root.join(&name);
     if final_dir.exists() {
@@ -265,12 +267,17 @@ pub fn save(trainer: &Trainer, out_dir: &Path) -> Result<PathBuf, DpoError> {
         let old = root.join(format!(".old-{name}"));
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(&final_dir, &old).map_err(|e| DpoError::io(&final_dir, e))?;
+        // Crash tests: neither copy under the final name (`resolve` falls
+        // back to the newest complete folder).
+        agfsync_fault::point("checkpoint.between_renames");
         std::fs::rename(&tmp, &final_dir).map_err(|e| DpoError::io(&final_dir, e))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
         std::fs::rename(&tmp, &final_dir).map_err(|e| DpoError::io(&final_dir, e))?;
     }
     sync_dir(&root)?;
+    // Crash tests: the new checkpoint in place, `latest` still naming the old.
+    agfsync_fault::point("checkpoint.before_latest");
 
     let latest_tmp = root.join(".latest.tmp");
     std::fs::write(&latest_tmp, format!("{name}\n")).map_err(|e| DpoError::io(&latest_tmp, e))?;

@@ -74,6 +74,8 @@ pub fn export_peft_lora(
     metadata.insert("lora_adapter_metadata".to_string(), meta.to_string());
     let tmp = path.with_extension("safetensors.tmp");
     write_safetensors(&tmp, &tensors, &metadata)?;
+    // Crash tests: the new file complete under its temporary name.
+    agfsync_fault::point("export.before_rename");
     std::fs::rename(&tmp, path).map_err(|e| DpoError::io(path, e))?;
     Ok(modules.len())
 }
@@ -97,6 +99,8 @@ pub fn save_full_unet(trainer: &Trainer, dir: &Path) -> Result<PathBuf, DpoError
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
     write_safetensors(&tmp, &tensors, &metadata)?;
+    // Crash tests: the new file complete under its temporary name.
+    agfsync_fault::point("export.before_rename");
     std::fs::rename(&tmp, &file).map_err(|e| DpoError::io(&file, e))?;
     let cfg = dir.join("config.json");
     std::fs::write(&cfg, &trainer.spec().unet_config_json).map_err(|e| DpoError::io(&cfg, e))?;
@@ -147,6 +151,8 @@ pub fn export_merged_unet(
     let mut metadata = BTreeMap::new();
     metadata.insert("format".to_string(), "pt".to_string());
     write_safetensors(&tmp, &tensors, &metadata)?;
+    // Crash tests: the new file complete under its temporary name.
+    agfsync_fault::point("export.before_rename");
     std::fs::rename(&tmp, &file).map_err(|e| DpoError::io(&file, e))?;
     let cfg = dir.join("config.json");
     std::fs::write(&cfg, &spec.unet_config_json).map_err(|e| DpoError::io(&cfg, e))?;
@@ -206,6 +212,8 @@ pub fn export_kohya_lora(
     metadata.insert("ss_network_alpha".to_string(), alpha.to_string());
     let tmp = path.with_extension("safetensors.tmp");
     write_safetensors(&tmp, &tensors, &metadata)?;
+    // Crash tests: the new file complete under its temporary name.
+    agfsync_fault::point("export.before_rename");
     std::fs::rename(&tmp, path).map_err(|e| DpoError::io(path, e))?;
     Ok(count)
 }

@@ -21,6 +21,7 @@ pub mod single_file;
 pub mod stable_diffusion;
 pub mod tiny;
 pub mod unet_2d_condition;
+pub mod vjp;
 pub mod weights;
 
 pub use error::{ModelError, Result};

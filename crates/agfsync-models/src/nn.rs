@@ -293,11 +293,14 @@ impl Linear {
 /// matrix product does, by widening), so bf16 on the CPU is widened to f32
 /// and narrowed back here; other dtypes and devices convolve directly.
 ///
-/// On a differentiable pass, a strided convolution whose height and width
-/// leave different remainders (a 9x8 input at stride 2, say) runs as
-/// patches and a matrix product ([`conv2d_unfolded`]): candle's backward of
-/// its own convolution derives the transposed convolution's output padding
-/// from the height alone and fails on such inputs.
+/// On a differentiable pass the convolution runs through [`crate::vjp`]:
+/// gradients only for the operands that need one, the input's as an
+/// ordinary convolution. For the kernels that cannot (padding at least the
+/// kernel size), a strided convolution whose height and width leave
+/// different remainders (a 9x8 input at stride 2, say) runs as patches and a
+/// matrix product ([`conv2d_unfolded`]): candle's backward of its own
+/// convolution derives the transposed convolution's output padding from the
+/// height alone and fails on such inputs.
 fn conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -314,6 +317,13 @@ fn conv2d(
             differentiable,
         )?;
         return y.to_dtype(DType::BF16);
+    }
+    if differentiable && crate::vjp::conv2d_supported(w, padding) {
+        // Our own backward: only the gradients that are needed, the input's
+        // as a convolution (see `vjp`).
+        return crate::vjp::conv2d(x, w, padding, stride, |x, w| {
+            x.conv2d(w, padding, stride, 1, 1)
+        });
     }
     if differentiable && stride > 1 {
         let (_, _, h, wd) = x.dims4()?;
@@ -412,9 +422,9 @@ fn matmul_last(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut out_dims = dims.to_vec();
     let last = out_dims.len() - 1;
     out_dims[last] = w.dim(0)?;
-    x.reshape((rows, in_dim))?
-        .matmul(&w.t()?)?
-        .reshape(out_dims.as_slice())
+    // Differentiable through `vjp`, which skips the gradients of frozen
+    // weights; without a graph it is the plain product.
+    crate::vjp::linear(&x.reshape((rows, in_dim))?, w)?.reshape(out_dims.as_slice())
 }
 
 /// A 2D convolution with square kernels, as `torch.nn.Conv2d` stores it, with
@@ -674,8 +684,27 @@ impl Activation {
 /// Scaled dot-product attention over `[batch*heads, n, d]` tensors.
 ///
 /// `bias` is added to the scores before the softmax (causal masks).
-/// With `upcast`, scores and softmax are computed in f32.
+/// With `upcast`, scores and softmax are computed in f32. A differentiable
+/// pass without `bias` runs [`crate::vjp::attention`], which keeps no
+/// `[bh, n, m]` probabilities for the backward pass.
 pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&Tensor>,
+    upcast: bool,
+    pass: Pass,
+) -> Result<Tensor> {
+    if pass.differentiable && bias.is_none() {
+        return crate::vjp::attention(q, k, v, scale, upcast);
+    }
+    attention_composed(q, k, v, scale, bias, upcast, pass)
+}
+
+/// [`attention`] composed of candle ops (the graph keeps every
+/// intermediate on a differentiable pass).
+pub(crate) fn attention_composed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -27,7 +27,8 @@ pub mod combine;
 pub mod config;
 pub mod error;
 pub mod eval;
-pub mod fault;
+/// Fault injection for the crash tests (the `agfsync-fault` crate).
+pub use agfsync_fault as fault;
 pub mod ops;
 pub mod prompts;
 pub mod run;

@@ -6,6 +6,20 @@
 //!
 //! Reading one environment variable per unit costs nothing next to a UNet
 //! batch; without the variable the hook does nothing.
+//!
+//! The points, by stage: `prompts.before_commit`, `questions.after_commit`,
+//! `generate.before_commit`, `generate.after_commit`, `score.before_commit`,
+//! `pairs.before_commit`, `train.step` (after each optimizer step),
+//! `checkpoint.before_rename` (a checkpoint's files written under its
+//! temporary name), `checkpoint.between_renames` (the same step saved again:
+//! the old copy moved aside, the new one not yet in place),
+//! `checkpoint.before_latest` (the new checkpoint in place, `latest` not yet
+//! updated), `export.before_rename` (an exported LoRA or UNet written under
+//! its temporary name), `eval.before_commit`, `eval_score.before_commit`; and
+//! `enospc@generate.image` for [`disk_full`].
+//!
+//! It is its own crate so that the trainer (`agfsync-dpo`) and the pipeline
+//! share one counter and one syntax.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
