@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
-"""FLOPs of the benchmark workloads, counted by PyTorch's FlopCounterMode.
+"""FLOPs of the benchmark workloads, counted by PyTorch's FlopCounterMode (matrix products and
+convolutions, 2 FLOPs per multiply-add: the bulk of the work).
 
-    python3 tools/bench/flops.py
+    python3 tools/bench/flops.py [--latent 32] > flops.json
 
-Counts one forward of each workload as the benchmarks run it (random weights): the SD 1.5
-and SDXL UNet step (batch 2, 32x32 latents), the CLIP ViT-L/14 vision tower (batch 8,
-224 px), and one Diffusion-DPO LoRA step on SD 1.5 (trained forward of winner and loser,
-reference forward, backward; FlopCounterMode counts matmuls and convolutions, the bulk of
-the work). Prints one JSON line; docs/benchmarks.md divides these by measured times for
-achieved GFLOP/s.
+Counts each workload as the benchmarks run it (random weights): the SD 1.5 and SDXL UNet step
+(batch 2), the CLIP ViT-L/14 vision tower (batch 8, 224 px), and one Diffusion-DPO step on
+SD 1.5 with one pair, LoRA and full (trained forward of winner and loser, backward, reference
+forward). Prints one JSON object keyed as tools/bench/table.py looks rows up
+("unet_step/sd15/b2/32", "clip_vision/b8", "dpo_step/sd15/p1/32/lora", ...), in GFLOP.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_unet import SD15_UNET_CONFIG, SDXL_UNET_CONFIG
+from torch_bench import SD15_UNET, SDXL_UNET, VIT_L14
 
 
 def count(fn) -> float:
@@ -28,47 +30,62 @@ def count(fn) -> float:
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--latent", type=int, default=32)
+    args = ap.parse_args()
     from diffusers import UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
+    n = args.latent
     out = {}
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
-    x = torch.randn(2, 4, 32, 32)
+    unet = UNet2DConditionModel(**SD15_UNET).eval()
+    x = torch.randn(2, 4, n, n)
     t = torch.tensor([999, 1])
     ehs = torch.randn(2, 77, 768)
     with torch.no_grad():
-        out["sd15_unet_step_gflop"] = count(lambda: unet(x, t, ehs))
-    # DPO LoRA step: trained forward + backward (about 2x the forward for
-    # the input gradients; frozen weights need no weight gradients, which
-    # the count below includes only for the adapters) and the reference.
+        out[f"unet_step/sd15/b2/{n}"] = count(lambda: unet(x, t, ehs))
+
+    # Full DPO step: trained forward and backward (input and weight gradients), frozen
+    # reference forward.
+    ref = copy.deepcopy(unet).requires_grad_(False)
+
+    def dpo_full():
+        unet(x, t, ehs).sample.float().pow(2).mean().backward()
+        with torch.no_grad():
+            ref(x, t, ehs)
+
+    out[f"dpo_step/sd15/p1/{n}/full"] = count(dpo_full)
+    del ref
+    unet.zero_grad(set_to_none=True)
+
+    # LoRA DPO step: frozen weights need no weight gradients; only the adapters' are counted.
     from peft import LoraConfig
 
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
 
-    def dpo():
-        pred = unet(x, t, ehs).sample
-        pred.float().pow(2).mean().backward()
+    def dpo_lora():
+        unet(x, t, ehs).sample.float().pow(2).mean().backward()
         with torch.no_grad():
             unet.disable_adapters()
             unet(x, t, ehs)
             unet.enable_adapters()
 
-    out["sd15_dpo_lora_step_gflop"] = count(dpo)
+    out[f"dpo_step/sd15/p1/{n}/lora"] = count(dpo_lora)
     del unet
-    xl = UNet2DConditionModel(**SDXL_UNET_CONFIG).eval()
+    xl = UNet2DConditionModel(**SDXL_UNET).eval()
+    px = float(8 * n)
     with torch.no_grad():
-        out["sdxl_unet_step_gflop"] = count(lambda: xl(
+        out[f"unet_step/sdxl/b2/{n}"] = count(lambda: xl(
             x, t, torch.randn(2, 77, 2048),
             added_cond_kwargs={"text_embeds": torch.randn(2, 1280),
-                               "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]] * 2)}))
+                               "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * 2)}))
     del xl
-    vcfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                            num_attention_heads=16, patch_size=14, image_size=224, projection_dim=768)
+    vcfg = CLIPVisionConfig(**VIT_L14["vision_config"])
     clip = CLIPVisionModelWithProjection(vcfg).eval()
     with torch.no_grad():
-        out["clip_vit_l14_batch8_gflop"] = count(lambda: clip(pixel_values=torch.randn(8, 3, 224, 224)))
+        out["clip_vision/b8"] = count(lambda: clip(pixel_values=torch.randn(8, 3, 224, 224)))
     print(json.dumps({k: round(v, 1) for k, v in out.items()}))
 
 

@@ -126,7 +126,7 @@ run_group() { # arch dtype workloads extra-args...
         say "   agfsync $arch $dtype $work failed or timed out (rc $?), see log.txt"
     if ((torch_ok)); then
         say "[$(elapsed)s] pytorch $arch $dtype $work"
-        PYTHONUNBUFFERED=1 timeout "$step_timeout" python3 "$repo/tools/bench/bench_gpu_torch.py" \
+        PYTHONUNBUFFERED=1 timeout "$step_timeout" python3 "$repo/tools/bench/torch_bench.py" \
             --device cuda --arch "$arch" --dtype "$dtype" --workload "$work" "$@" >>"$results" 2>>"$logf" ||
             say "   pytorch $arch $dtype $work failed or timed out (rc $?), see log.txt"
     fi
@@ -147,70 +147,14 @@ run_group sd15 bf16 unet,dpo --iters 3 --warmup 1 --latent 64 --pairs 1
 if [[ "${AGFSYNC_BENCH_QUICK:-0}" != 1 ]]; then
     run_group sdxl f16 unet --iters 5 --warmup 2 --latent 64
     run_group sdxl bf16 unet --iters 5 --warmup 2 --latent 64
+    run_group sd15 bf16 dpo --iters 3 --warmup 1 --latent 64 --pairs 1 --full
 fi
 
 # --- the table ----------------------------------------------------------
 table="$out/gpu_bench.md"
 if command -v python3 >/dev/null; then
-    CARD="$card" BIN="$bin" python3 - "$results" >"$table" <<'EOF'
-import json, os, sys
-
-rows = []
-for line in open(sys.argv[1]):
-    line = line.strip()
-    if line.startswith("{"):
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            pass
-
-def key(r):
-    return (r.get("bench"), r.get("arch"), r.get("dtype"))
-
-def what(r):
-    b = r.get("bench")
-    if b == "unet_step":
-        return f"UNet step, batch {r.get('batch')}, {8 * r.get('latent_hw', 0)} px"
-    if b == "sample":
-        return f"one image, {r.get('size')} px, {r.get('steps')} steps {r.get('scheduler', '')}, CFG"
-    if b == "clip_score":
-        return f"CLIP score end to end, batch {r.get('batch')} of 512 px (vision tower alone: JSON)"
-    if b == "dpo_step":
-        return f"DPO step, {r.get('pairs')} pair(s), {8 * r.get('latent_hw', 0)} px"
-    return b
-
-order = []
-by = {}
-for r in rows:
-    k = key(r)
-    if k not in by:
-        by[k] = {}
-        order.append(k)
-    by[k][r.get("impl")] = r
-
-def cell(r):
-    if r is None:
-        return "-"
-    if "skipped" in r:
-        return "skipped"
-    s = f"{1000 * r['median_s']:.1f} ms"
-    if r.get("finite") is False:
-        s += " (non-finite)"
-    return s
-
-print(f"# agfsync CUDA benchmark\n\nCard: {os.environ['CARD']}\n\nBinary: {os.environ['BIN']}\n")
-print("Random weights, real architectures; median wall time of each workload after warm-up,")
-print("synchronised with the device. PyTorch = torch + diffusers/transformers on the same card.\n")
-print("| workload | arch | dtype | agfsync | PyTorch | agfsync / PyTorch |")
-print("| --- | --- | --- | --- | --- | --- |")
-for k in order:
-    a, p = by[k].get("agfsync"), by[k].get("pytorch")
-    ref = a or p
-    ratio = "-"
-    if a and p and "median_s" in a and "median_s" in p and p["median_s"] > 0:
-        ratio = f"{a['median_s'] / p['median_s']:.2f}x"
-    print(f"| {what(ref)} | {k[1]} | {k[2]} | {cell(a)} | {cell(p)} | {ratio} |")
-EOF
+    python3 "$repo/tools/bench/table.py" "$results" --title "agfsync CUDA benchmark" \
+        --machine "$card; binary $bin" >"$table"
 else
     cp "$results" "$table"
 fi

@@ -2,7 +2,7 @@
 //! machine with only the release binary (a GPU machine without a Rust
 //! toolchain) can time them. The work itself lives in the library.
 
-use agfsync_pipeline::bench::{self, BenchArch, BenchOptions};
+use agfsync_pipeline::bench::{self, BenchArch, BenchOptions, DpoWorkload};
 use anyhow::{bail, Result};
 use clap::Args;
 
@@ -13,7 +13,8 @@ use crate::common::{check_dtype_device, parse_device, parse_dtype};
 pub struct BenchArgs {
     /// Workloads to run, in order (repeat or separate with commas):
     /// unet (one UNet forward), sample (one image end to end), clip (CLIP
-    /// score of a batch), dpo (one Diffusion-DPO step of the full UNet).
+    /// score of a batch), dpo (one Diffusion-DPO training step: LoRA, or the
+    /// whole UNet with --full).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["unet".to_string()])]
     pub workload: Vec<String>,
     /// UNet architecture of the unet, sample and dpo workloads: sd15 or sdxl.
@@ -52,6 +53,13 @@ pub struct BenchArgs {
     /// dpo: preference pairs per step.
     #[arg(long, default_value_t = 1)]
     pub pairs: usize,
+    /// dpo: train the whole UNet against a frozen copy instead of a LoRA
+    /// (rank 4 on to_q, to_k, to_v, to_out.0).
+    #[arg(long)]
+    pub full: bool,
+    /// dpo: gradient checkpointing (recompute activations in the backward).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Seed of the random weights and inputs.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -77,7 +85,15 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             "unet" => bench::unet_step(&o, a.batch, a.latent)?,
             "sample" => bench::sample(&o, a.size, a.steps)?,
             "clip" => bench::clip_score(&o, a.clip_batch)?,
-            "dpo" => bench::dpo_step(&o, a.pairs, a.latent)?,
+            "dpo" => bench::dpo_step(
+                &o,
+                &DpoWorkload {
+                    pairs: a.pairs,
+                    latent: a.latent,
+                    full: a.full,
+                    gradient_checkpointing: a.gradient_checkpointing,
+                },
+            )?,
             other => bail!("unknown workload `{other}`: use unet, sample, clip or dpo"),
         };
         println!("{line}");

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::DpoError;
 use crate::loss::Target;
 use crate::safetensors_io::{read_safetensors, write_safetensors};
-use crate::trainer::{fnv, ModelSpec, TrainConfig, Trainer};
+use crate::trainer::{fnv, ModelSpec, TrainConfig, Trainer, UNetWeights};
 
 /// Version of the checkpoint layout.
 pub const FORMAT_VERSION: u32 = 1;
@@ -67,18 +67,25 @@ impl ModelIdentity {
             .map(|v| canonical_json(&v))
             .unwrap_or_else(|_| spec.unet_config_json.clone());
         let unet_config_hash = format!("{:016x}", fnv(&canonical));
-        let weight_files: Vec<(String, u64)> = spec
-            .weights
-            .iter()
-            .map(|p| {
-                (
-                    p.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-                )
-            })
-            .collect();
+        let weight_files: Vec<(String, u64)> = match &spec.weights {
+            UNetWeights::Files(files) => files
+                .iter()
+                .map(|p| {
+                    (
+                        p.file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
+                    )
+                })
+                .collect(),
+            UNetWeights::Tensors(map) => vec![(
+                "<in memory>".to_string(),
+                map.values()
+                    .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+                    .sum(),
+            )],
+        };
         let all = format!("{unet_config_hash}|{weight_files:?}|{:?}", spec.target);
         Self {
             unet_config_hash,

@@ -9,7 +9,7 @@ use agfsync_models::nn::LoraRegistry;
 use candle_core::{DType, Device};
 
 use crate::error::DpoError;
-use crate::safetensors_io::{read_safetensors, write_safetensors};
+use crate::safetensors_io::write_safetensors;
 use crate::trainer::{ModelSpec, Trainer};
 
 /// Writes the adapter `adapter` attached to the UNet's `registry` as a
@@ -118,10 +118,7 @@ pub fn export_merged_unet(
     adapter: &str,
     dir: &Path,
 ) -> Result<usize, DpoError> {
-    let mut tensors = HashMap::new();
-    for f in &spec.weights {
-        tensors.extend(read_safetensors(f, &Device::Cpu)?);
-    }
+    let mut tensors = spec.read_weights(&Device::Cpu)?;
     let mut merged = 0;
     for (module, slot) in registry.slots() {
         let Some(a) = slot.adapters().into_iter().find(|a| a.name == adapter) else {

@@ -280,6 +280,17 @@ impl TrainConfig {
     }
 }
 
+/// Where a [`ModelSpec`]'s UNet weights are.
+#[derive(Clone, Debug)]
+pub enum UNetWeights {
+    /// safetensors files: one, or the shards of one checkpoint
+    /// (memory-mapped when loaded).
+    Files(Vec<PathBuf>),
+    /// Tensors already in memory, named as the checkpoint keys: weights
+    /// drawn on the device for `agfsync bench`, never written to disk.
+    Tensors(std::sync::Arc<std::collections::HashMap<String, Tensor>>),
+}
+
 /// The model to train: a diffusers UNet (config and safetensors weights) and
 /// the noise schedule of its scheduler.
 #[derive(Clone, Debug)]
@@ -288,12 +299,28 @@ pub struct ModelSpec {
     pub unet_config: UNet2DConditionConfig,
     /// The UNet config file's text (hashed into the model identity).
     pub unet_config_json: String,
-    /// The UNet's safetensors files (one, or the shards of one checkpoint).
-    pub weights: Vec<PathBuf>,
+    /// The UNet's weights.
+    pub weights: UNetWeights,
     /// `alphas_cumprod` of the training schedule (f32 values, widened).
     pub alphas_cumprod: Vec<f64>,
     /// Epsilon or v target, from the scheduler's `prediction_type`.
     pub target: Target,
+}
+
+/// The training schedule and target of a scheduler config.
+fn schedule(scheduler: &SchedulerConfig) -> Result<(Vec<f64>, Target), DpoError> {
+    let alphas_cumprod = scheduler
+        .alphas_cumprod()
+        .map_err(|e| DpoError::Config(format!("scheduler: {e}")))?;
+    let target = match scheduler.prediction_type {
+        PredictionType::Epsilon => Target::Epsilon,
+        PredictionType::VPrediction => Target::Velocity,
+        PredictionType::Sample => return Err(DpoError::Config(
+            "prediction_type `sample` is not supported for Diffusion-DPO (epsilon or v_prediction)"
+                .into(),
+        )),
+    };
+    Ok((alphas_cumprod, target))
 }
 
 fn read_text(path: &Path) -> Result<String, DpoError> {
@@ -342,25 +369,54 @@ impl ModelSpec {
             }
             shards
         };
-        let alphas_cumprod = scheduler
-            .alphas_cumprod()
-            .map_err(|e| DpoError::Config(format!("scheduler: {e}")))?;
-        let target = match scheduler.prediction_type {
-            PredictionType::Epsilon => Target::Epsilon,
-            PredictionType::VPrediction => Target::Velocity,
-            PredictionType::Sample => {
-                return Err(DpoError::Config(
-                    "prediction_type `sample` is not supported for Diffusion-DPO (epsilon or v_prediction)".into(),
-                ))
-            }
-        };
+        let (alphas_cumprod, target) = schedule(scheduler)?;
         Ok(Self {
             unet_config,
             unet_config_json: json,
-            weights,
+            weights: UNetWeights::Files(weights),
             alphas_cumprod,
             target,
         })
+    }
+
+    /// A UNet whose weights are already in memory (`tensors`, named as the
+    /// checkpoint keys), with its config as JSON text and the scheduler
+    /// config giving the noise schedule and prediction type.
+    pub fn from_tensors(
+        config_json: &str,
+        tensors: std::collections::HashMap<String, Tensor>,
+        scheduler: &SchedulerConfig,
+    ) -> Result<Self, DpoError> {
+        let unet_config = UNet2DConditionConfig::from_json(config_json)
+            .map_err(|e| DpoError::Config(format!("unet config: {e}")))?;
+        let (alphas_cumprod, target) = schedule(scheduler)?;
+        Ok(Self {
+            unet_config,
+            unet_config_json: config_json.to_string(),
+            weights: UNetWeights::Tensors(std::sync::Arc::new(tensors)),
+            alphas_cumprod,
+            target,
+        })
+    }
+
+    /// Every weight tensor, on `device`, in its stored dtype.
+    pub fn read_weights(
+        &self,
+        device: &Device,
+    ) -> Result<std::collections::HashMap<String, Tensor>, DpoError> {
+        match &self.weights {
+            UNetWeights::Files(files) => {
+                let mut tensors = std::collections::HashMap::new();
+                for f in files {
+                    tensors.extend(crate::safetensors_io::read_safetensors(f, device)?);
+                }
+                Ok(tensors)
+            }
+            UNetWeights::Tensors(map) => map
+                .iter()
+                .map(|(k, t)| Ok((k.clone(), t.to_device(device)?)))
+                .collect(),
+        }
     }
 
     /// The identity checkpoints record: a hash of the UNet config, the
@@ -380,7 +436,12 @@ impl ModelSpec {
         device: &Device,
         dtype: DType,
     ) -> Result<UNet2DConditionModel, DpoError> {
-        let vb = open_safetensors(&self.weights, dtype, device)?;
+        let vb = match &self.weights {
+            UNetWeights::Files(files) => open_safetensors(files, dtype, device)?,
+            UNetWeights::Tensors(map) => {
+                VarBuilder::from_tensors(map.as_ref().clone(), dtype, device)
+            }
+        };
         Ok(UNet2DConditionModel::new(&self.unet_config, vb)?)
     }
 }
@@ -478,10 +539,7 @@ impl Trainer {
         let low = cfg.dtype.dtype();
         let mut masters = None;
         let (unet, reference, trainables) = if cfg.full {
-            let mut tensors = std::collections::HashMap::new();
-            for f in &spec.weights {
-                tensors.extend(crate::safetensors_io::read_safetensors(f, device)?);
-            }
+            let tensors = spec.read_weights(device)?;
             let vm = VarMap::new();
             {
                 let mut data = vm

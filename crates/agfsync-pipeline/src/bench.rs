@@ -14,6 +14,7 @@
 //! With `tiny` set, each workload uses the tiny test presets instead, which
 //! is how the tests exercise this module on CPU.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,8 +26,8 @@ use agfsync_diffusion::pipeline::{
 };
 use agfsync_diffusion::rng::Generator;
 use agfsync_diffusion::schedulers::{build, SchedulerConfig, SchedulerKind};
-use agfsync_dpo::loss::dpo_loss;
-use agfsync_dpo::optim::{AdamW, AdamWParams};
+use agfsync_dpo::data::{AddedCond, PairDataset};
+use agfsync_dpo::trainer::{ModelSpec, TrainConfig, TrainDtype, Trainer};
 use agfsync_feedback::clip::{ClipConfig, ClipModel};
 use agfsync_feedback::clip_score::ClipScorer;
 use agfsync_feedback::image_input::LoadedImage;
@@ -38,11 +39,13 @@ use agfsync_models::clip_tokenizer::ClipTokenizer;
 use agfsync_models::hub::ModelSource;
 use agfsync_models::nn::Pass;
 use agfsync_models::stable_diffusion::{LoadOptions, StableDiffusion};
-use agfsync_models::tiny::{tiny_unet_config, write_tiny_sd_pipeline, TinyPreset};
+use agfsync_models::tiny::{
+    tiny_scheduler_config, tiny_unet_config, write_tiny_sd_pipeline, TinyPreset,
+};
 use agfsync_models::unet_2d_condition::{
     AddedCondition, PerBlock, UNet2DConditionConfig, UNet2DConditionModel,
 };
-use candle_core::{DType, Device, Error, Result, Shape, Tensor, Var};
+use candle_core::{DType, Device, Error, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use serde_json::{json, Map, Value};
@@ -215,7 +218,12 @@ pub fn time_runs(
 /// runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0),
 /// or the tiny preset's.
 pub fn unet_config(arch: BenchArch, tiny: bool) -> Result<UNet2DConditionConfig> {
-    let v = if tiny {
+    serde_json::from_value(unet_config_json(arch, tiny)).map_err(Error::wrap)
+}
+
+/// [`unet_config`] as the JSON of a diffusers `unet/config.json`.
+pub fn unet_config_json(arch: BenchArch, tiny: bool) -> Value {
+    if tiny {
         tiny_unet_config(arch.preset())
     } else {
         match arch {
@@ -245,8 +253,7 @@ pub fn unet_config(arch: BenchArch, tiny: bool) -> Result<UNet2DConditionConfig>
                 "norm_num_groups": 32,
             }),
         }
-    };
-    serde_json::from_value(v).map_err(Error::wrap)
+    }
 }
 
 /// Inputs of one UNet call: latents, timesteps, text context, SDXL's added
@@ -300,21 +307,17 @@ fn unet_inputs(
 /// A [`VarBuilder`] backend that draws every weight on the device, from
 /// the layer's init hint, in f32 and casts it to the requested dtype:
 /// candle's CUDA backend has no f16/bf16 `randn`/`rand` (curand makes f32),
-/// so a `VarMap` in f16 fails there while it works on the CPU. With
-/// `trainable`, each weight is a [`Var`], kept for the optimizer.
+/// so a `VarMap` in f16 fails there while it works on the CPU. Every tensor
+/// drawn is kept by name (the trainer takes the UNet's weights that way).
 #[derive(Clone, Default)]
 struct DeviceRandom {
-    trainable: bool,
-    vars: Arc<Mutex<Vec<Var>>>,
+    named: Arc<Mutex<HashMap<String, Tensor>>>,
     params: Arc<AtomicUsize>,
 }
 
 impl DeviceRandom {
-    fn new(trainable: bool) -> Self {
-        Self {
-            trainable,
-            ..Self::default()
-        }
+    fn new() -> Self {
+        Self::default()
     }
 
     fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
@@ -325,28 +328,30 @@ impl DeviceRandom {
         self.params.load(Ordering::Relaxed)
     }
 
-    fn vars(&self) -> Vec<Var> {
-        match self.vars.lock() {
-            Ok(v) => v.clone(),
+    /// Every tensor drawn, by its checkpoint name.
+    fn named(&self) -> HashMap<String, Tensor> {
+        match self.named.lock() {
+            Ok(m) => m.clone(),
             Err(p) => p.into_inner().clone(),
         }
     }
 }
 
 impl SimpleBackend for DeviceRandom {
-    fn get(&self, s: Shape, _name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
         self.params.fetch_add(s.elem_count(), Ordering::Relaxed);
-        let t = h.var(s, DType::F32, dev)?.as_tensor().to_dtype(dtype)?;
-        if !self.trainable {
-            return Ok(t.detach());
-        }
-        let v = Var::from_tensor(&t)?;
-        let out = v.as_tensor().clone();
-        match self.vars.lock() {
-            Ok(mut vars) => vars.push(v),
-            Err(p) => p.into_inner().push(v),
-        }
-        Ok(out)
+        // Detached: `Init::var` makes a variable, and a weight that is one
+        // would record gradients wherever it is used.
+        let t = h
+            .var(s, DType::F32, dev)?
+            .as_tensor()
+            .to_dtype(dtype)?
+            .detach();
+        match self.named.lock() {
+            Ok(mut m) => m.insert(name.to_string(), t.clone()),
+            Err(p) => p.into_inner().insert(name.to_string(), t.clone()),
+        };
+        Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
@@ -363,12 +368,13 @@ impl SimpleBackend for DeviceRandom {
 pub fn unet_step(o: &BenchOptions, batch: usize, latent: usize) -> Result<Value> {
     let cfg = unet_config(o.arch, o.tiny)?;
     let t0 = Instant::now();
-    let weights = DeviceRandom::new(false);
+    let weights = DeviceRandom::new();
     let unet = UNet2DConditionModel::new(&cfg, weights.var_builder(o.dtype, &o.device))?;
     o.device.synchronize()?;
     let build_s = t0.elapsed().as_secs_f64();
     let inp = unet_inputs(&cfg, batch, latent, o.dtype, &o.device)?;
     let mut finite = true;
+    reset_peak_rss();
     let timing = time_runs(&o.device, o.warmup, o.iters, || {
         let y = unet.forward(
             &inp.x,
@@ -392,6 +398,7 @@ pub fn unet_step(o: &BenchOptions, batch: usize, latent: usize) -> Result<Value>
     m.insert("build_s".into(), json!(build_s));
     m.insert("finite".into(), json!(finite));
     timing.insert(&mut m);
+    insert_peak_rss(&mut m);
     Ok(Value::Object(m))
 }
 
@@ -409,7 +416,7 @@ fn json_with(path: &Path, overrides: Value) -> Result<Value> {
 /// drawn on the device; the tiny tokenizers (whose ids all fall inside the
 /// real vocabulary) and the scheduler config stay.
 fn make_full_size(sd: &mut StableDiffusion, dir: &Path, o: &BenchOptions) -> Result<usize> {
-    let weights = DeviceRandom::new(false);
+    let weights = DeviceRandom::new();
     let vb = weights.var_builder(o.dtype, &o.device);
     sd.unet = UNet2DConditionModel::new(&unet_config(o.arch, false)?, vb.pp("unet"))?;
     let xl = o.arch == BenchArch::Sdxl;
@@ -490,6 +497,7 @@ pub fn sample(o: &BenchOptions, size: usize, steps: usize) -> Result<Value> {
     let xl = XlSizes::for_image(size, size);
     let shape = latent_shape(&sd, 1, size, size)?;
     let mut finite = true;
+    reset_peak_rss();
     let timing = time_runs(&o.device, o.warmup, o.iters, || {
         let (text, _) = encode_prompts(&sd, &prompts, Negative::Default, None, Some(&xl))?;
         let mut scheduler = build(kind, &sched_cfg).map_err(Error::wrap)?;
@@ -521,6 +529,7 @@ pub fn sample(o: &BenchOptions, size: usize, steps: usize) -> Result<Value> {
     m.insert("build_s".into(), json!(build_s));
     m.insert("finite".into(), json!(finite));
     timing.insert(&mut m);
+    insert_peak_rss(&mut m);
     m.insert(
         "step_s".into(),
         json!(timing.median_s / steps.max(1) as f64),
@@ -547,7 +556,7 @@ pub fn clip_score(o: &BenchOptions, batch: usize) -> Result<Value> {
                 .map_err(Error::wrap)?;
         ClipModel::from_parts(
             ClipConfig::vit_large_patch14(),
-            DeviceRandom::new(false).var_builder(o.dtype, &o.device),
+            DeviceRandom::new().var_builder(o.dtype, &o.device),
             tokenizer,
             processor,
             "random ViT-L/14",
@@ -569,6 +578,14 @@ pub fn clip_score(o: &BenchOptions, batch: usize) -> Result<Value> {
     let refs: Vec<&LoadedImage> = images.iter().collect();
     let side = model.processor().config().crop_size.0;
     let pv = Tensor::randn(0f32, 1.0, (batch, 3, side, side), &o.device)?;
+    // Preprocessing alone (resize, crop, normalise on the CPU).
+    let preprocess = time_runs(&Device::Cpu, o.warmup, o.iters, || {
+        for im in &refs {
+            model.processor().pixel_values(im).map_err(Error::wrap)?;
+        }
+        Ok(())
+    })?;
+    reset_peak_rss();
     let vision = time_runs(&o.device, o.warmup, o.iters, || {
         model.image_features(&pv).map_err(Error::wrap)?;
         Ok(())
@@ -592,6 +609,10 @@ pub fn clip_score(o: &BenchOptions, batch: usize) -> Result<Value> {
     );
     m.insert("batch".into(), json!(batch));
     m.insert("build_s".into(), json!(build_s));
+    m.insert(
+        "preprocess_images_per_s".into(),
+        json!(batch as f64 / preprocess.median_s),
+    );
     m.insert("vision_batch_s".into(), json!(vision.median_s));
     m.insert(
         "vision_images_per_s".into(),
@@ -604,68 +625,148 @@ pub fn clip_score(o: &BenchOptions, batch: usize) -> Result<Value> {
     );
     // The table's time column: the end-to-end score of one batch.
     score.insert(&mut m);
+    insert_peak_rss(&mut m);
     Ok(Value::Object(m))
 }
 
-/// One Diffusion-DPO training step of the full UNet on `pairs` preference
-/// pairs of `latent` x `latent` latents: the trained model's differentiable
-/// forward on winners and losers, the reference forward, the DPO loss, the
-/// backward pass and an AdamW update of every weight.
-///
-/// The reference forward reuses the trained weights with gradients off: at
-/// the first step the two are equal, and the cost is that of a frozen copy
-/// without holding a second UNet.
-pub fn dpo_step(o: &BenchOptions, pairs: usize, latent: usize) -> Result<Value> {
-    let cfg = unet_config(o.arch, o.tiny)?;
+/// What one Diffusion-DPO step trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DpoWorkload {
+    /// Preference pairs per step.
+    pub pairs: usize,
+    /// Latent height and width.
+    pub latent: usize,
+    /// The whole UNet against a frozen copy instead of LoRA (rank 4 on
+    /// to_q/to_k/to_v/to_out.0, the reference is the UNet with adapters off).
+    pub full: bool,
+    /// Recompute activations in the backward pass instead of keeping them.
+    pub gradient_checkpointing: bool,
+}
+
+/// One Diffusion-DPO optimizer step of the trainer itself
+/// ([`agfsync_dpo::trainer::Trainer::train_step`]): the trained model's
+/// differentiable forward on winners and losers, the reference forward, the
+/// loss, the backward pass, clipping and AdamW, on random weights drawn on
+/// the device and random latents and text embeddings. `o.dtype` is the
+/// training compute dtype (f32 master weights below f32).
+pub fn dpo_step(o: &BenchOptions, w: &DpoWorkload) -> Result<Value> {
+    let cfg_json = unet_config_json(o.arch, o.tiny);
+    let cfg: UNet2DConditionConfig =
+        serde_json::from_value(cfg_json.clone()).map_err(Error::wrap)?;
     let t0 = Instant::now();
-    let weights = DeviceRandom::new(true);
-    let unet = UNet2DConditionModel::new(&cfg, weights.var_builder(o.dtype, &o.device))?;
-    let vars = weights.vars();
-    let mut opt = AdamW::new(vars.clone(), AdamWParams::default())?;
+    let weights = DeviceRandom::new();
+    // The model is built only to draw its weights, in the compute dtype.
+    drop(UNet2DConditionModel::new(
+        &cfg,
+        weights.var_builder(o.dtype, &o.device),
+    )?);
+    let scheduler =
+        SchedulerConfig::from_json_str(&tiny_scheduler_config(o.arch.preset()).to_string())
+            .map_err(Error::wrap)?;
+    let spec = ModelSpec::from_tensors(&cfg_json.to_string(), weights.named(), &scheduler)
+        .map_err(Error::wrap)?;
+    let train = TrainConfig {
+        steps: o.warmup + o.iters.max(1),
+        lr: 1e-5,
+        full: w.full,
+        gradient_checkpointing: w.gradient_checkpointing,
+        batch_size: w.pairs,
+        grad_accum: 1,
+        dtype: match o.dtype {
+            DType::BF16 => TrainDtype::Bf16,
+            DType::F16 => TrainDtype::F16,
+            _ => TrainDtype::F32,
+        },
+        seed: o.seed,
+        ..TrainConfig::default()
+    };
+    let mut trainer = Trainer::new(&spec, &train, &o.device).map_err(Error::wrap)?;
+    drop(spec);
+    let data = dpo_pairs(&cfg, w, &o.device)?;
     o.device.synchronize()?;
     let build_s = t0.elapsed().as_secs_f64();
-    // Winners then losers in one batch, as the trainer stacks them.
-    let inp = unet_inputs(&cfg, 2 * pairs, latent, o.dtype, &o.device)?;
-    let target = Tensor::randn(0f32, 1.0, inp.x.dims(), &o.device)?;
-    let (target_w, target_l) = (target.narrow(0, 0, pairs)?, target.narrow(0, pairs, pairs)?);
-    let mut last_loss = f32::NAN;
+    let mut last_loss = f64::NAN;
+    reset_peak_rss();
     let timing = time_runs(&o.device, o.warmup, o.iters, || {
-        let pred = unet
-            .forward(&inp.x, &inp.t, &inp.ctx, inp.added.as_ref(), Pass::TRAIN)?
-            .to_dtype(DType::F32)?;
-        let reference = unet
-            .forward(
-                &inp.x,
-                &inp.t,
-                &inp.ctx,
-                inp.added.as_ref(),
-                Pass::REFERENCE,
-            )?
-            .to_dtype(DType::F32)?;
-        let loss = dpo_loss(
-            &pred.narrow(0, 0, pairs)?,
-            &pred.narrow(0, pairs, pairs)?,
-            &reference.narrow(0, 0, pairs)?,
-            &reference.narrow(0, pairs, pairs)?,
-            &target_w,
-            &target_l,
-            5000.0,
-        )?;
-        let grads = loss.loss.backward()?;
-        let grads: Vec<Option<Tensor>> = vars.iter().map(|v| grads.get(v).cloned()).collect();
-        opt.step(&grads, 1e-8)?;
-        last_loss = loss.loss.to_scalar::<f32>()?;
+        last_loss = trainer.train_step(&data).map_err(Error::wrap)?.loss;
         Ok(())
     })?;
     let mut m = o.base_json("dpo_step");
     m.insert("arch".into(), json!(o.arch.name()));
-    m.insert("pairs".into(), json!(pairs));
-    m.insert("latent_hw".into(), json!(latent));
+    m.insert("mode".into(), json!(if w.full { "full" } else { "lora" }));
+    m.insert(
+        "gradient_checkpointing".into(),
+        json!(w.gradient_checkpointing),
+    );
+    m.insert("pairs".into(), json!(w.pairs));
+    m.insert("latent_hw".into(), json!(w.latent));
     m.insert("params_m".into(), json!(weights.params() as f64 / 1e6));
+    m.insert(
+        "trainable_params".into(),
+        json!(trainer
+            .trainables()
+            .iter()
+            .map(|t| t.var.elem_count())
+            .sum::<usize>()),
+    );
     m.insert("build_s".into(), json!(build_s));
     m.insert("finite".into(), json!(last_loss.is_finite()));
     timing.insert(&mut m);
+    insert_peak_rss(&mut m);
     Ok(Value::Object(m))
+}
+
+/// Random preference pairs for [`dpo_step`]: winner and loser latents, text
+/// embeddings of the UNet's cross-attention width, SDXL's added
+/// conditioning when the UNet takes it.
+fn dpo_pairs(cfg: &UNet2DConditionConfig, w: &DpoWorkload, device: &Device) -> Result<PairDataset> {
+    let n = cfg.block_out_channels.len();
+    let cross = cfg
+        .cross_attention_dim
+        .expand(n, "cross_attention_dim")
+        .map_err(Error::wrap)?[0];
+    let shape = (w.pairs, cfg.in_channels, w.latent, w.latent);
+    let added = match cfg.projection_class_embeddings_input_dim {
+        Some(dim) if cfg.addition_embed_type.as_deref() == Some("text_time") => {
+            // text_time: the pooled text embedding plus six time ids, each
+            // embedded to addition_time_embed_dim.
+            let time_dim = cfg.addition_time_embed_dim.unwrap_or(256);
+            Some(AddedCond {
+                text_embeds: Tensor::randn(0f32, 1.0, (w.pairs, dim - 6 * time_dim), device)?,
+                time_ids: Tensor::new(&[512f32, 512., 0., 0., 512., 512.], device)?
+                    .unsqueeze(0)?
+                    .repeat((w.pairs, 1))?,
+            })
+        }
+        _ => None,
+    };
+    PairDataset::new(
+        Tensor::randn(0f32, 1.0, shape, device)?,
+        Tensor::randn(0f32, 1.0, shape, device)?,
+        Tensor::randn(0f32, 1.0, (w.pairs, 77, cross), device)?,
+        added,
+    )
+    .map_err(Error::wrap)
+}
+
+/// Resets the process's peak resident memory (`VmHWM`), so the next
+/// [`insert_peak_rss`] reports one workload's peak (Linux; elsewhere a no-op).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Adds `peak_rss_mib` (host memory, since the last [`reset_peak_rss`]) when
+/// the system reports it.
+fn insert_peak_rss(m: &mut Map<String, Value>) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok());
+    if let Some(kib) = kib {
+        m.insert("peak_rss_mib".into(), json!(kib / 1024.0));
+    }
 }
 
 #[cfg(test)]
@@ -707,13 +808,38 @@ mod tests {
             check(&v, "sample");
             assert_eq!(v["steps"], 2);
             assert_eq!(v["finite"], true);
-            let v = dpo_step(&o, 1, 8).expect("dpo");
-            check(&v, "dpo_step");
-            assert_eq!(v["finite"], true);
+            for (full, gradient_checkpointing) in [(false, false), (true, true)] {
+                let w = DpoWorkload {
+                    pairs: 1,
+                    latent: 8,
+                    full,
+                    gradient_checkpointing,
+                };
+                let v = dpo_step(&o, &w).expect("dpo");
+                check(&v, "dpo_step");
+                assert_eq!(v["finite"], true);
+                assert_eq!(v["mode"], if full { "full" } else { "lora" });
+                assert!(v["trainable_params"].as_u64() > Some(0), "{v}");
+            }
         }
         let v = clip_score(&tiny(BenchArch::Sd15, tmp.path()), 2).expect("clip");
         check(&v, "clip_score");
         assert!(v["score_images_per_s"].as_f64().is_some_and(|x| x > 0.0));
+    }
+
+    // The drawn weights once stayed candle variables, so the LoRA DPO
+    // workload computed (and kept) gradients for every frozen weight.
+    #[test]
+    fn drawn_weights_record_no_gradient() {
+        let cfg = unet_config(BenchArch::Sd15, true).expect("config");
+        let weights = DeviceRandom::new();
+        UNet2DConditionModel::new(&cfg, weights.var_builder(DType::F32, &Device::Cpu))
+            .expect("unet");
+        let named = weights.named();
+        assert!(!named.is_empty());
+        for (name, t) in named {
+            assert!(!t.track_op(), "{name} records gradients");
+        }
     }
 
     #[test]

@@ -1,25 +1,31 @@
 #!/usr/bin/env python3
-"""PyTorch/diffusers GPU baseline for `agfsync bench` (tools/cuda/gpu_bench.sh runs both).
+"""The PyTorch twin of `agfsync bench`: the same workloads with torch, diffusers, transformers
+and PEFT, random weights, on CPU or CUDA. tools/bench/suite.sh (CPU) and
+tools/cuda/gpu_bench.sh (GPU) run both and print one table (tools/bench/table.py).
 
-    python3 tools/bench/bench_gpu_torch.py --workload unet --arch sd15 --dtype bf16 [--latent 64]
-    python3 tools/bench/bench_gpu_torch.py --workload sample --arch sd15 --dtype f16 --size 512 --steps 20
-    python3 tools/bench/bench_gpu_torch.py --workload clip --dtype f16 --clip-batch 8
-    python3 tools/bench/bench_gpu_torch.py --workload dpo --arch sd15 --dtype bf16 --latent 64 --pairs 1
-
-Same work as the Rust side, random weights, on CUDA (or --device cpu):
+    python3 tools/bench/torch_bench.py --device cpu --dtype f32 --workload unet --latent 32 --threads 2
+    python3 tools/bench/torch_bench.py --workload unet --arch sd15 --dtype bf16 [--latent 64]
+    python3 tools/bench/torch_bench.py --workload sample --arch sd15 --dtype f16 --size 512 --steps 20
+    python3 tools/bench/torch_bench.py --workload clip --dtype f16 --clip-batch 8
+    python3 tools/bench/torch_bench.py --workload dpo --arch sd15 --dtype bf16 --latent 64 --pairs 1 [--full]
 
   unet    one UNet2DConditionModel forward, batch 2 (a CFG step), per-sample timesteps
   sample  one image end to end: CLIP text encoding (prompt + empty negative), N steps of
           DDIM (SD 1.5) / Euler (SDXL) with guidance 7.5, VAE decode
-  clip    CLIP ViT-L/14: the vision tower on a ready batch, and the score end to end
-          (CLIPImageProcessor on 512x512 PIL images + vision tower + cosine)
-  dpo     one Diffusion-DPO step of the full UNet: differentiable forward on winners and
-          losers, reference forward without gradients (same weights, as in agfsync's
-          bench), loss, backward, AdamW (foreach) update
+  clip    CLIP ViT-L/14: CLIPImageProcessor alone, the vision tower on a ready batch, and the
+          score end to end (processor on 512x512 PIL images + vision tower + cosine)
+  dpo     one Diffusion-DPO optimizer step as diffusers' train_diffusion_dpo.py takes it:
+          winner and loser noised with one shared noise and timestep per pair, the trained
+          UNet on both, the reference without gradients (LoRA: PEFT rank 4, alpha 4 on
+          to_q/to_k/to_v/to_out.0, reference = adapters disabled; --full: the whole UNet
+          against a frozen deep copy), beta 5000, backward, clipping at 1.0, AdamW (lr 1e-5,
+          weight decay 0.01); --gradient-checkpointing as diffusers enables it. Below f32 the
+          trained weights stay f32 under autocast, like agfsync's f32 masters.
 
 Prints ONE JSON line per workload with the keys agfsync's bench uses
-({"bench":..,"impl":"pytorch","median_s":..}); a workload whose packages are missing
-prints {"bench":..,"impl":"pytorch","skipped":"reason"}. Diagnostics go to stderr.
+({"bench":..,"impl":"pytorch","median_s":..}) and the peak memory of the workload
+(peak_rss_mib on CPU, peak_mem_mib on CUDA); a workload whose packages are missing prints
+{"bench":..,"impl":"pytorch","skipped":"reason"}. Diagnostics go to stderr.
 """
 
 from __future__ import annotations
@@ -68,6 +74,25 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
+def reset_peak_rss():
+    """Resets the process's VmHWM (Linux), so the next peak is one workload's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mib():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
 class Bench:
     def __init__(self, args):
         import torch
@@ -79,6 +104,8 @@ class Bench:
         # Weights are made on the device: initialising SDXL on the CPU takes longer than the bench.
         torch.set_default_device(self.dev)
         torch.manual_seed(args.seed)
+        if args.threads:
+            torch.set_num_threads(args.threads)
 
     def sync(self):
         if self.dev.type == "cuda":
@@ -103,14 +130,20 @@ class Bench:
                "dtype": self.args.dtype}
         if self.dev.type == "cuda":
             out["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        else:
+            out["threads"] = torch.get_num_threads()
+        rss = peak_rss_mib()
+        if rss is not None:
+            out["peak_rss_mib"] = rss
         return out
 
     def reset_peak(self):
         if self.dev.type == "cuda":
             self.torch.cuda.empty_cache()
             self.torch.cuda.reset_peak_memory_stats()
+        reset_peak_rss()
 
-    def unet(self, train=False):
+    def unet(self, train=False, dtype=None):
         import diffusers
         from diffusers import UNet2DConditionModel
 
@@ -118,7 +151,7 @@ class Bench:
         diffusers.utils.logging.set_verbosity_error()
         cfg = SDXL_UNET if self.args.arch == "sdxl" else SD15_UNET
         t0 = time.perf_counter()
-        unet = UNet2DConditionModel(**cfg).to(self.dtype)
+        unet = UNet2DConditionModel(**cfg).to(dtype or self.dtype)
         unet.train(train)
         self.sync()
         return unet, cfg, time.perf_counter() - t0
@@ -243,46 +276,87 @@ class Bench:
                 f = f / f.norm(p=2, dim=-1, keepdim=True)
                 return torch.clamp(100 * f @ text.T, min=0).float().cpu()
 
+            pre = self.timed(lambda: processor(images=images, return_tensors="pt"))
             vis = self.timed(lambda: model.get_image_features(pixel_values=pv))
             sc = self.timed(score)
         out = self.base("clip_score")
         out.update(arch="clip-vit-large-patch14", transformers=transformers.__version__, batch=b, build_s=build_s,
+                   preprocess_images_per_s=b / pre["median_s"],
                    vision_batch_s=vis["median_s"], vision_images_per_s=b / vis["median_s"],
                    score_batch_s=sc["median_s"], score_images_per_s=b / sc["median_s"], **sc)
         return out
 
     def run_dpo(self):
         torch = self.torch
+        import copy
+
         import torch.nn.functional as F
+        from diffusers import DDPMScheduler
 
         self.reset_peak()
-        unet, cfg, build_s = self.unet(train=True)
-        opt = torch.optim.AdamW(unet.parameters(), lr=1e-8, foreach=True)
-        p = self.args.pairs
-        x, t, ctx, added = self.unet_inputs(cfg, 2 * p, self.args.latent)
-        target = torch.randn(x.shape, dtype=torch.float32)
+        full, ckpt = self.args.full, self.args.gradient_checkpointing
+        # Trained weights in f32 (autocast below f32), as agfsync keeps f32 masters.
+        unet, cfg, build_s = self.unet(train=True, dtype=torch.float32)
+        t0 = time.perf_counter()
+        if full:
+            ref_unet = copy.deepcopy(unet).requires_grad_(False).to(self.dtype).eval()
+            params = list(unet.parameters())
+        else:
+            from peft import LoraConfig
+
+            ref_unet = None
+            unet.requires_grad_(False)
+            unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                        target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+            params = [q for q in unet.parameters() if q.requires_grad]
+        if ckpt:
+            unet.enable_gradient_checkpointing()
+        unet.train()
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, foreach=True)
+        sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000)
+        self.sync()
+        build_s += time.perf_counter() - t0
+        p, lat = self.args.pairs, self.args.latent
+        lat_w = torch.randn(p, 4, lat, lat)
+        lat_l = torch.randn(p, 4, lat, lat)
+        _, t_unused, ehs, added = self.unet_inputs(cfg, 2 * p, lat)
+        del t_unused
         beta = 5000.0
         holder = {}
-
-        def err(pred):
-            return ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
+        autocast = torch.autocast(self.dev.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
         def step():
-            pred = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
-            with torch.no_grad():
-                ref = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs=added).sample
-            e, r = err(pred), err(ref)
-            inside = -0.5 * beta * ((e[:p] - e[p:]) - (r[:p] - r[p:]))
+            latents = torch.cat([lat_w, lat_l])
+            noise = torch.randn(p, 4, lat, lat).repeat(2, 1, 1, 1)
+            t = torch.randint(0, 1000, (p,)).repeat(2)
+            noisy = sched.add_noise(latents, noise, t)
+            with autocast:
+                pred = unet(noisy, t, ehs, added_cond_kwargs=added).sample
+            model_losses = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=[1, 2, 3])
+            mw, ml = model_losses.chunk(2)
+            with torch.no_grad(), autocast:
+                if ref_unet is None:
+                    unet.disable_adapters()
+                    ref = unet(noisy, t, ehs, added_cond_kwargs=added).sample
+                    unet.enable_adapters()
+                else:
+                    ref = ref_unet(noisy, t, ehs, added_cond_kwargs=added).sample
+            ref_losses = F.mse_loss(ref.float(), noise, reduction="none").mean(dim=[1, 2, 3])
+            rw, rl = ref_losses.chunk(2)
+            inside = -0.5 * beta * ((mw - ml) - (rw - rl))
             loss = -F.logsigmoid(inside).mean()
-            opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
+            opt.zero_grad(set_to_none=True)
             holder["loss"] = loss.detach()
 
         res = self.timed(step)
         out = self.base("dpo_step")
-        out.update(arch=self.args.arch, pairs=p, latent_hw=self.args.latent,
-                   params_m=sum(q.numel() for q in unet.parameters()) / 1e6, build_s=build_s,
+        out.update(arch=self.args.arch, mode="full" if full else "lora", gradient_checkpointing=ckpt,
+                   pairs=p, latent_hw=lat, params_m=sum(q.numel() for q in unet.parameters()) / 1e6,
+                   trainable_params=sum(q.numel() for q in params), build_s=build_s,
                    finite=bool(torch.isfinite(holder["loss"]).item()), **res)
         return out
 
@@ -301,6 +375,9 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--clip-batch", type=int, default=8)
     ap.add_argument("--pairs", type=int, default=1)
+    ap.add_argument("--full", action="store_true", help="dpo: the whole UNet instead of a LoRA")
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="dpo: recompute activations")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
