@@ -7,7 +7,7 @@
 
 use agfsync_models::clip_text::TextLayer;
 use agfsync_models::nn::Pass;
-use agfsync_models::stable_diffusion::{SdFamily, StableDiffusion};
+use agfsync_models::stable_diffusion::{PromptEncoders, SdFamily, StableDiffusion};
 use agfsync_models::unet_2d_condition::AddedCondition;
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -110,7 +110,7 @@ impl XlSizes {
 /// As in diffusers, `clip_skip` applies to the prompts only; negative prompts
 /// always use the default layer.
 pub fn encode_prompts(
-    sd: &StableDiffusion,
+    sd: &(impl PromptEncoders + ?Sized),
     prompts: &[String],
     negative: Negative,
     clip_skip: Option<usize>,
@@ -129,7 +129,7 @@ pub fn encode_prompts(
         }
     };
     let skip = clip_skip.filter(|&k| k > 0);
-    if sd.family != SdFamily::Xl {
+    if sd.family() != SdFamily::Xl {
         let layer = skip.map_or(TextLayer::Last, TextLayer::Skip);
         let (cond, _) = encode_with(sd, 0, prompts, layer, Some(&mut report))?;
         let uncond = match &negatives {
@@ -159,7 +159,7 @@ pub fn encode_prompts(
     };
     let (uncond, uncond_added) = match (&negatives, negative) {
         (None, _) => (None, cond_added.clone()),
-        (Some(_), Negative::Default) if sd.force_zeros_for_empty_prompt => (
+        (Some(_), Negative::Default) if sd.force_zeros_for_empty_prompt() => (
             Some(cond.zeros_like()?),
             AddedCondition {
                 text_embeds: pooled.zeros_like()?,
@@ -188,7 +188,7 @@ pub fn encode_prompts(
 /// Both SDXL encoders: concatenated hidden states and the pooled projection
 /// of the second.
 fn encode_xl(
-    sd: &StableDiffusion,
+    sd: &(impl PromptEncoders + ?Sized),
     texts: &[String],
     layer: TextLayer,
     report: Option<&mut EncodeReport>,
@@ -204,19 +204,16 @@ fn encode_xl(
 /// Runs text encoder `which` (0 or 1) on `texts`; returns its hidden states
 /// in the UNet's dtype and its pooled output.
 fn encode_with(
-    sd: &StableDiffusion,
+    sd: &(impl PromptEncoders + ?Sized),
     which: usize,
     texts: &[String],
     layer: TextLayer,
     mut report: Option<&mut EncodeReport>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (tokenizer, encoder) = match which {
-        0 => (&sd.tokenizer, &sd.text_encoder),
-        _ => match (&sd.tokenizer_2, &sd.text_encoder_2) {
-            (Some(t), Some(e)) => (t, e),
-            _ => candle_core::bail!("this pipeline has no second text encoder"),
-        },
+    let Some((tokenizer, encoder)) = sd.encoder(which) else {
+        candle_core::bail!("this pipeline has no second text encoder");
     };
+    let (device, dtype) = sd.device_dtype();
     let max_len = encoder.config().max_position_embeddings.min(77);
     let mut rows = Vec::with_capacity(texts.len());
     for (i, t) in texts.iter().enumerate() {
@@ -228,11 +225,10 @@ fn encode_with(
                 r.truncated.push(i);
             }
         }
-        rows.push(Tensor::new(enc.ids.as_slice(), sd.unet.device())?.unsqueeze(0)?);
+        rows.push(Tensor::new(enc.ids.as_slice(), &device)?.unsqueeze(0)?);
     }
     let ids = Tensor::cat(&rows, 0)?;
     let out = encoder.forward(&ids, layer, Pass::INFERENCE)?;
-    let dtype = sd.unet.dtype();
     let pooled = match out.pooled {
         Some(p) => Some(p.to_dtype(dtype)?),
         None => None,

@@ -362,10 +362,30 @@ impl ModelSpec {
                 .collect();
             shards.sort();
             if shards.is_empty() {
-                return Err(DpoError::Config(format!(
-                    "{}: no diffusion_pytorch_model*.safetensors",
-                    unet_dir.display()
-                )));
+                let mut present: Vec<String> = std::fs::read_dir(unet_dir)
+                    .map(|rd| {
+                        rd.filter_map(|e| e.ok())
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                present.sort();
+                return Err(DpoError::io(
+                    &single,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!(
+                            "the UNet's weights are missing: no diffusion_pytorch_model.safetensors \
+                             nor its shards in {}; files present: {}",
+                            unet_dir.display(),
+                            if present.is_empty() {
+                                "none".to_string()
+                            } else {
+                                present.join(", ")
+                            }
+                        ),
+                    ),
+                ));
             }
             shards
         };

@@ -223,6 +223,137 @@ impl StableDiffusion {
     }
 }
 
+/// What encoding prompts needs from a pipeline: its family and its CLIP
+/// tokenizer(s) and text encoder(s). Implemented by [`StableDiffusion`] and
+/// by [`TextEncoders`], which loads only these (the Diffusion-DPO trainer
+/// encodes its prompts without holding a second UNet and a VAE).
+pub trait PromptEncoders {
+    /// The pipeline's family (SDXL concatenates two encoders).
+    fn family(&self) -> SdFamily;
+    /// Tokenizer and text encoder `which` (0, or 1 for SDXL's second).
+    fn encoder(&self, which: usize) -> Option<(&ClipTokenizer, &ClipTextModel)>;
+    /// diffusers' `force_zeros_for_empty_prompt` (SDXL's empty negative).
+    fn force_zeros_for_empty_prompt(&self) -> bool;
+    /// Device and dtype the embeddings are returned in (the UNet's).
+    fn device_dtype(&self) -> (Device, DType);
+}
+
+impl PromptEncoders for StableDiffusion {
+    fn family(&self) -> SdFamily {
+        self.family
+    }
+
+    fn encoder(&self, which: usize) -> Option<(&ClipTokenizer, &ClipTextModel)> {
+        match which {
+            0 => Some((&self.tokenizer, &self.text_encoder)),
+            _ => self.tokenizer_2.as_ref().zip(self.text_encoder_2.as_ref()),
+        }
+    }
+
+    fn force_zeros_for_empty_prompt(&self) -> bool {
+        self.force_zeros_for_empty_prompt
+    }
+
+    fn device_dtype(&self) -> (Device, DType) {
+        (self.unet.device().clone(), self.unet.dtype())
+    }
+}
+
+/// The text side of a pipeline alone: tokenizers and text encoders, as
+/// [`StableDiffusion::load`] would load them, without the UNet and VAE.
+#[derive(Debug)]
+pub struct TextEncoders {
+    /// Which family the pipeline belongs to.
+    pub family: SdFamily,
+    /// The CLIP text encoder.
+    pub text_encoder: ClipTextModel,
+    /// Its tokenizer.
+    pub tokenizer: ClipTokenizer,
+    /// SDXL's second text encoder (with projection).
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// SDXL's second tokenizer.
+    pub tokenizer_2: Option<ClipTokenizer>,
+    /// diffusers' `force_zeros_for_empty_prompt` from model_index.json.
+    pub force_zeros_for_empty_prompt: bool,
+    device: Device,
+    dtype: DType,
+}
+
+impl TextEncoders {
+    /// Loads the tokenizers and text encoders of the pipeline at `src`.
+    pub fn load(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let index_path = src.file("model_index.json").map_err(|e| {
+            ModelError::Unsupported(format!(
+                "{e}\n{} is not a diffusers pipeline folder: model_index.json is missing",
+                src.describe("")
+            ))
+        })?;
+        let index_text = read_to_string(&index_path)?;
+        let force_zeros_for_empty_prompt = serde_json::from_str::<ForceZeros>(&index_text)
+            .ok()
+            .and_then(|f| f.force_zeros_for_empty_prompt)
+            .unwrap_or(true);
+        let index = ModelIndex::from_json(&index_text).map_err(|source| ModelError::Config {
+            path: index_path.clone(),
+            what: "model_index.json",
+            source,
+        })?;
+        let text_encoder = load_text_encoder(src, "text_encoder", false, opts)?;
+        let tokenizer = load_tokenizer(src, "tokenizer")?;
+        let (text_encoder_2, tokenizer_2) = if index.has("text_encoder_2") {
+            (
+                Some(load_text_encoder(src, "text_encoder_2", true, opts)?),
+                Some(
+                    load_tokenizer(src, "tokenizer_2")
+                        .or_else(|_| load_tokenizer(src, "tokenizer"))?,
+                ),
+            )
+        } else {
+            (None, None)
+        };
+        // As `StableDiffusion::load` decides, less the UNet's own marker
+        // (an SDXL pipeline always has its second text encoder).
+        let family = if text_encoder_2.is_some() {
+            SdFamily::Xl
+        } else if text_encoder.config().hidden_act == "gelu" {
+            SdFamily::V2
+        } else {
+            SdFamily::V1
+        };
+        Ok(Self {
+            family,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            tokenizer_2,
+            force_zeros_for_empty_prompt,
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+        })
+    }
+}
+
+impl PromptEncoders for TextEncoders {
+    fn family(&self) -> SdFamily {
+        self.family
+    }
+
+    fn encoder(&self, which: usize) -> Option<(&ClipTokenizer, &ClipTextModel)> {
+        match which {
+            0 => Some((&self.tokenizer, &self.text_encoder)),
+            _ => self.tokenizer_2.as_ref().zip(self.text_encoder_2.as_ref()),
+        }
+    }
+
+    fn force_zeros_for_empty_prompt(&self) -> bool {
+        self.force_zeros_for_empty_prompt
+    }
+
+    fn device_dtype(&self) -> (Device, DType) {
+        (self.device.clone(), self.dtype)
+    }
+}
+
 impl StableDiffusion {
     /// Replaces the UNet with the one in a diffusers `unet/` folder
     /// (`config.json` and `diffusion_pytorch_model*.safetensors`), such as

@@ -1,7 +1,7 @@
-//! Matrix products and convolutions with a hand-written backward pass, for
-//! the differentiable (training) forward.
+//! Matrix products, convolutions and attention with a hand-written backward
+//! pass, for the differentiable (training) forward.
 //!
-//! candle's autograd has two costs these ops remove:
+//! candle's autograd has costs these ops remove:
 //!
 //! - it computes the gradient of *both* operands of a matrix product or a
 //!   convolution, and keeps it until the backward pass ends, even when an
@@ -11,6 +11,9 @@
 //! - the input gradient of a convolution goes through its CPU transposed
 //!   convolution, a direct loop of dot products, many times slower than the
 //!   patches-and-matrix-product convolution candle uses forward.
+//! - attention composed of candle ops keeps the `[bh, n, m]` scores, their
+//!   softmax intermediates and the probabilities for the backward pass
+//!   ([`attention`] recomputes them instead).
 //!
 //! Here the forward is computed without a graph, and the result is attached
 //! to the graph by a custom op over `(x, w)` whose backward computes only the

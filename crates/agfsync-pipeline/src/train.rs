@@ -12,7 +12,7 @@ use agfsync_dpo::data::{AddedCond, PairDataset};
 use agfsync_dpo::optim::LrScheduler;
 use agfsync_dpo::{train_until, DpoError, ModelSpec, ResumeFrom, TrainConfig, TrainDtype};
 use agfsync_models::hub::{resolve_model, HubOptions};
-use agfsync_models::stable_diffusion::{LoadOptions, SdFamily, StableDiffusion};
+use agfsync_models::stable_diffusion::{LoadOptions, SdFamily, TextEncoders};
 use agfsync_store::{CandidateRecord, TrainingRecord};
 
 use crate::error::{PipelineError, Result};
@@ -111,7 +111,9 @@ pub fn pair_dataset(run: &Run) -> Result<PairDataset> {
     let spec = run.model_path(&run.config.models.diffusion);
     let src =
         resolve_model(&spec, &HubOptions::from_env()).map_err(agfsync_models::ModelError::from)?;
-    let sd = StableDiffusion::load(
+    // The text encoders alone: the whole pipeline would load (and copy into
+    // memory) a UNet and a VAE the trainer does not use here.
+    let sd = TextEncoders::load(
         &src,
         &LoadOptions {
             dtype: candle_core::DType::F32,
