@@ -153,13 +153,48 @@ pub fn read_pickapic_bytes(
     read_rows(bytes::Bytes::from(bytes), path, max_row_bytes)
 }
 
+/// Refuses a footer whose column chunks lie outside the file (negative
+/// offsets or sizes, or past the end): the parquet crate asserts on such
+/// chunks when it builds their readers, and a failed assertion is a panic.
+fn check_column_ranges<R: ChunkReader + 'static>(
+    reader: &SerializedFileReader<R>,
+    file_len: u64,
+    path: &Path,
+) -> Result<()> {
+    for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
+        for (c, col) in rg.columns().iter().enumerate() {
+            let start = col
+                .dictionary_page_offset()
+                .unwrap_or_else(|| col.data_page_offset());
+            let len = col.compressed_size();
+            let end = u64::try_from(start)
+                .ok()
+                .zip(u64::try_from(len).ok())
+                .and_then(|(s, l)| s.checked_add(l));
+            if end.is_none_or(|end| end > file_len) {
+                return Err(StoreError::Parquet {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "corrupt footer: row group {g}, column {c} ({}) claims bytes {start}..+{len} \
+                         of a {file_len}-byte file",
+                        col.column_path()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn read_rows<R: ChunkReader + 'static>(
     input: R,
     path: &Path,
     max_row_bytes: u64,
 ) -> Result<Vec<PickapicRow>> {
     let e = pq_err(path);
+    let file_len = input.len();
     let reader = SerializedFileReader::new(input).map_err(&e)?;
+    check_column_ranges(&reader, file_len, path)?;
     let too_big = |what: String| StoreError::Parquet {
         path: path.to_path_buf(),
         reason: format!(

@@ -217,6 +217,21 @@ fn write_fuzz_seeds() -> anyhow::Result<()> {
 /// Parquet file whose footer declares a list of about two billion elements
 /// made parquet 57 reserve the whole list and abort the process; parquet 60
 /// bounds list sizes by the input, so the file is refused with an error.
+// Found by the pickapic_parquet fuzz target: a footer whose column chunk
+// starts at a negative offset made the parquet crate's reader assert
+// (a panic) when the rows were read.
+#[test]
+fn parquet_negative_column_offset_is_refused_not_a_panic() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz_regressions/parquet_negative_column_offset.parquet");
+    let bytes = std::fs::read(&path).expect("the regression input is in the repository");
+    let err = agfsync_store::pickapic::read_pickapic_bytes(bytes, &path, 64 << 20)
+        .expect_err("a corrupt footer must be refused");
+    let msg = err.to_string();
+    assert!(msg.contains("parquet_negative_column_offset"), "{msg}");
+    assert!(msg.contains("corrupt footer"), "{msg}");
+}
+
 #[test]
 fn parquet_thrift_list_capacity_is_refused_not_aborted() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
