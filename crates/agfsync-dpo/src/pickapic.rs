@@ -296,8 +296,10 @@ fn read_pairs<R: ChunkReader + 'static>(
             opts.max_bad_fraction
         )));
     }
+    let file_len = input.len();
     let reader = SerializedFileReader::new(input)
         .map_err(|e| data_err(format!("not a readable Parquet file: {e}")))?;
+    agfsync_store::pickapic::check_column_ranges(&reader, file_len).map_err(data_err)?;
     let meta = reader.metadata().file_metadata();
     let schema = meta.schema();
     let present: Vec<String> = schema
@@ -346,9 +348,11 @@ fn read_pairs<R: ChunkReader + 'static>(
     }
     let total_rows = usize::try_from(meta.num_rows()).unwrap_or(0);
     let max_bad = opts.max_bad_fraction * total_rows as f64;
-    let rows = reader
-        .get_row_iter(Some(projection))
-        .map_err(|e| data_err(format!("reading rows: {e}")))?;
+    let rows = agfsync_store::pickapic::GuardedRows::new(
+        reader
+            .get_row_iter(Some(projection))
+            .map_err(|e| data_err(format!("reading rows: {e}")))?,
+    );
 
     let mut report = ImportReport::default();
     let decode_opts = DecodeOptions {

@@ -293,3 +293,28 @@ fn parquet_image_over_max_pixels_is_refused_with_the_limit_named() -> Result<()>
     assert!(first.contains("--max-pixels"), "{first}");
     Ok(())
 }
+
+// Found by the pickapic_parquet fuzz target: footers with a column chunk at
+// a negative offset, and pages that make the parquet crate's decoder assert
+// (a bit-packed run longer than its buffer, a dictionary-encoded page
+// without a dictionary). Each is an error naming the file, not a panic.
+#[test]
+fn corrupt_parquet_pages_and_footers_are_refused_not_a_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../agfsync-store/tests/fuzz_regressions");
+    for name in [
+        "parquet_negative_column_offset",
+        "parquet_negative_column_offset_dpo",
+        "parquet_bit_packed_run_past_buffer",
+        "parquet_dictionary_page_missing",
+    ] {
+        let path = dir.join(format!("{name}.parquet"));
+        let bytes = std::fs::read(&path).expect("the regression input is in the repository");
+        let opts = ImportOptions {
+            max_bad_fraction: 1.0,
+            ..ImportOptions::new(8)
+        };
+        let err = agfsync_dpo::pickapic::check_parquet_bytes(bytes, &path, &opts)
+            .expect_err("a corrupt file must be refused");
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}

@@ -17,7 +17,7 @@ use parquet::data_type::{ByteArray, ByteArrayType, DoubleType};
 use parquet::file::properties::WriterProperties;
 use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
 use parquet::file::writer::SerializedFileWriter;
-use parquet::record::Field;
+use parquet::record::{Field, Row};
 use parquet::schema::parser::parse_message_type;
 
 use crate::error::{Result, StoreError};
@@ -156,11 +156,11 @@ pub fn read_pickapic_bytes(
 /// Refuses a footer whose column chunks lie outside the file (negative
 /// offsets or sizes, or past the end): the parquet crate asserts on such
 /// chunks when it builds their readers, and a failed assertion is a panic.
-fn check_column_ranges<R: ChunkReader + 'static>(
+/// The error is the reason, for the caller to wrap with the file's name.
+pub fn check_column_ranges<R: ChunkReader + 'static>(
     reader: &SerializedFileReader<R>,
     file_len: u64,
-    path: &Path,
-) -> Result<()> {
+) -> std::result::Result<(), String> {
     for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
         for (c, col) in rg.columns().iter().enumerate() {
             let start = col
@@ -172,18 +172,59 @@ fn check_column_ranges<R: ChunkReader + 'static>(
                 .zip(u64::try_from(len).ok())
                 .and_then(|(s, l)| s.checked_add(l));
             if end.is_none_or(|end| end > file_len) {
-                return Err(StoreError::Parquet {
-                    path: path.to_path_buf(),
-                    reason: format!(
-                        "corrupt footer: row group {g}, column {c} ({}) claims bytes {start}..+{len} \
-                         of a {file_len}-byte file",
-                        col.column_path()
-                    ),
-                });
+                return Err(format!(
+                    "corrupt footer: row group {g}, column {c} ({}) claims bytes {start}..+{len} \
+                     of a {file_len}-byte file",
+                    col.column_path()
+                ));
             }
         }
     }
     Ok(())
+}
+
+/// The rows of a Parquet record iterator, with a panic of the parquet crate
+/// while decoding a row (it asserts on some malformed pages: a bit-packed
+/// run longer than its buffer, a dictionary-encoded page without a
+/// dictionary) returned as an error instead of unwinding through the
+/// caller. Iteration ends after such an error.
+pub struct GuardedRows<I> {
+    inner: I,
+    failed: bool,
+}
+
+impl<I> GuardedRows<I> {
+    /// Guards `rows`.
+    pub fn new(rows: I) -> Self {
+        Self {
+            inner: rows,
+            failed: false,
+        }
+    }
+}
+
+impl<I: Iterator<Item = parquet::errors::Result<Row>>> Iterator for GuardedRows<I> {
+    type Item = std::result::Result<Row, String>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.inner.next())) {
+            Ok(row) => row.map(|r| r.map_err(|e| e.to_string())),
+            Err(panic) => {
+                self.failed = true;
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown".into());
+                Some(Err(format!(
+                    "corrupt data pages: the Parquet decoder failed ({what})"
+                )))
+            }
+        }
+    }
 }
 
 fn read_rows<R: ChunkReader + 'static>(
@@ -194,7 +235,10 @@ fn read_rows<R: ChunkReader + 'static>(
     let e = pq_err(path);
     let file_len = input.len();
     let reader = SerializedFileReader::new(input).map_err(&e)?;
-    check_column_ranges(&reader, file_len, path)?;
+    check_column_ranges(&reader, file_len).map_err(|reason| StoreError::Parquet {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     let too_big = |what: String| StoreError::Parquet {
         path: path.to_path_buf(),
         reason: format!(
@@ -233,8 +277,12 @@ fn read_rows<R: ChunkReader + 'static>(
         }
     }
     let mut out = Vec::new();
-    for (i, row) in reader.get_row_iter(None).map_err(&e)?.enumerate() {
-        let row = row.map_err(&e)?;
+    let rows = GuardedRows::new(reader.get_row_iter(None).map_err(&e)?);
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|reason| StoreError::Parquet {
+            path: path.to_path_buf(),
+            reason: format!("row {i}: {reason}"),
+        })?;
         let size: u64 = row
             .get_column_iter()
             .map(|(_, f)| match f {

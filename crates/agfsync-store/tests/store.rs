@@ -232,6 +232,26 @@ fn parquet_negative_column_offset_is_refused_not_a_panic() {
     assert!(msg.contains("corrupt footer"), "{msg}");
 }
 
+// Also found by the fuzz target: pages that make the parquet crate's
+// decoder assert while a row is read (a bit-packed run longer than its
+// buffer; a dictionary-encoded page without a dictionary page). The panic is
+// caught and returned as an error naming the file and the row.
+#[test]
+fn parquet_pages_that_make_the_decoder_assert_are_refused_not_a_panic() {
+    for name in [
+        "parquet_bit_packed_run_past_buffer",
+        "parquet_dictionary_page_missing",
+        "parquet_negative_column_offset_dpo",
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/fuzz_regressions/{name}.parquet"));
+        let bytes = std::fs::read(&path).expect("the regression input is in the repository");
+        let err = agfsync_store::pickapic::read_pickapic_bytes(bytes, &path, 64 << 20)
+            .expect_err("a corrupt file must be refused");
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
 #[test]
 fn parquet_thrift_list_capacity_is_refused_not_aborted() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
