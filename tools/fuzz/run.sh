@@ -72,7 +72,7 @@ for t in "${targets[@]}"; do
         # Fork mode reports `#<executions>: cov: ...` lines instead.
         execs=$(grep -o '^#[0-9]*: cov' "$log" | tr -dc '0-9\n' | tail -1 || true)
     fi
-    crashes=$(find "$work/artifacts/$t" -type f | wc -l)
+    crashes=$(find "$work/artifacts/$t" -type f \( -name "crash-*" -o -name "oom-*" -o -name "timeout-*" \) | wc -l)
     printf '%s\t%s\t%s\t%s\n' "$t" "$took" "${execs:-?}" "$crashes" | tee -a "$summary" >&2
 done
 echo "summary: $summary" >&2
