@@ -354,6 +354,17 @@ fn bad_shard_specs_and_missing_runs_are_refused() -> Result<()> {
     Ok(())
 }
 
+/// Waits (up to two minutes) until the run at `dir` has written an image.
+fn wait_for_first_image(dir: &Path) {
+    let images = dir.join("images");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline
+        && !std::fs::read_dir(&images).is_ok_and(|mut d| d.next().is_some())
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Moves `file` aside and back, like a model file deleted and restored.
 struct Hidden(PathBuf);
 
@@ -399,13 +410,7 @@ fn model_files_that_disappear_mid_run_are_named_and_the_rerun_completes() -> Res
         .args(["run", s(&dir)])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let images = dir.join("images");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::time::Instant::now() < deadline
-        && !std::fs::read_dir(&images).is_ok_and(|mut d| d.next().is_some())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_first_image(&dir);
     std::fs::remove_file(&unet)?;
     let out = child.wait_with_output()?;
     clean_failure(&out, "tiny-clip");
@@ -472,13 +477,7 @@ fn ctrl_c_stops_cleanly_and_a_full_disk_is_reported_then_both_resume() -> Result
         .args(["run", s(&dir)])
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let images = dir.join("images");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::time::Instant::now() < deadline
-        && !std::fs::read_dir(&images).is_ok_and(|mut d| d.next().is_some())
-    {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for_first_image(&dir);
     ok(&Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .output()?)?;

@@ -333,19 +333,14 @@ fn read_pairs<R: ChunkReader + 'static>(
         .with_fields(fields)
         .build()
         .map_err(|e| data_err(format!("projecting the columns: {e}")))?;
-    // Refused before any page is decompressed: a row group larger than the
-    // limit times its rows has at least one row over the limit.
-    for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
-        let rows = u64::try_from(rg.num_rows()).unwrap_or(0);
-        let bytes = u64::try_from(rg.total_byte_size()).unwrap_or(u64::MAX);
-        if bytes > opts.max_row_bytes.saturating_mul(rows.max(1)) {
-            return Err(data_err(format!(
-                "row group {g} holds {bytes} bytes in {rows} rows, more than the {} allowed per \
-                 row; {RAISE_ROW_BYTES}",
+    agfsync_store::pickapic::check_row_group_sizes(&reader, opts.max_row_bytes).map_err(
+        |what| {
+            data_err(format!(
+                "{what}, more than the {} allowed per row; {RAISE_ROW_BYTES}",
                 opts.max_row_bytes
-            )));
-        }
-    }
+            ))
+        },
+    )?;
     let total_rows = usize::try_from(meta.num_rows()).unwrap_or(0);
     let max_bad = opts.max_bad_fraction * total_rows as f64;
     let rows = agfsync_store::pickapic::GuardedRows::new(
@@ -362,14 +357,7 @@ fn read_pairs<R: ChunkReader + 'static>(
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| data_err(format!("row {i}: {e}")))?;
         report.rows += 1;
-        let size: u64 = row
-            .get_column_iter()
-            .map(|(_, f)| match f {
-                Field::Str(s) => s.len() as u64,
-                Field::Bytes(b) => b.len() as u64,
-                _ => 8,
-            })
-            .sum();
+        let size = agfsync_store::pickapic::row_bytes(&row);
         if size > opts.max_row_bytes {
             return Err(data_err(format!(
                 "row {i} holds {size} bytes, more than the {} allowed per row; {RAISE_ROW_BYTES}",

@@ -124,22 +124,7 @@ struct ForceZeros {
 impl StableDiffusion {
     /// Loads every component of the pipeline at `src`.
     pub fn load(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
-        let index_path = src.file("model_index.json").map_err(|e| {
-            ModelError::Unsupported(format!(
-                "{e}\n{} is not a diffusers pipeline folder: model_index.json is missing. Point --model at a folder saved by diffusers' save_pretrained (or a hub id of one)",
-                src.describe("")
-            ))
-        })?;
-        let index_text = read_to_string(&index_path)?;
-        let force_zeros_for_empty_prompt = serde_json::from_str::<ForceZeros>(&index_text)
-            .ok()
-            .and_then(|f| f.force_zeros_for_empty_prompt)
-            .unwrap_or(true);
-        let index = ModelIndex::from_json(&index_text).map_err(|source| ModelError::Config {
-            path: index_path.clone(),
-            what: "model_index.json",
-            source,
-        })?;
+        let (index_path, index, force_zeros_for_empty_prompt) = read_index(src)?;
         for needed in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             if !index.has(needed) {
                 return Err(ModelError::Unsupported(format!(
@@ -178,28 +163,23 @@ impl StableDiffusion {
             source: Box::new(source),
         })?;
 
-        let text_encoder = load_text_encoder(src, "text_encoder", false, opts)?;
-        let tokenizer = load_tokenizer(src, "tokenizer")?;
-        let (text_encoder_2, tokenizer_2) = if index.has("text_encoder_2") {
-            (
-                Some(load_text_encoder(src, "text_encoder_2", true, opts)?),
-                Some(
-                    load_tokenizer(src, "tokenizer_2")
-                        .or_else(|_| load_tokenizer(src, "tokenizer"))?,
-                ),
-            )
-        } else {
-            (None, None)
-        };
+        let TextEncoders {
+            family,
+            text_encoder,
+            tokenizer,
+            text_encoder_2,
+            tokenizer_2,
+            ..
+        } = TextEncoders::load_indexed(src, &index, force_zeros_for_empty_prompt, opts)?;
         let sched_path = src.file("scheduler/scheduler_config.json")?;
         let scheduler_config = read_to_string(&sched_path)?;
 
-        let family = if text_encoder_2.is_some() || unet_cfg.addition_embed_type.is_some() {
+        // An SDXL UNet marks the pipeline as SDXL even without its second
+        // text encoder (refused below, naming what is missing).
+        let family = if unet_cfg.addition_embed_type.is_some() {
             SdFamily::Xl
-        } else if text_encoder.config().hidden_act == "gelu" {
-            SdFamily::V2
         } else {
-            SdFamily::V1
+            family
         };
         if family == SdFamily::Xl && text_encoder_2.is_none() {
             return Err(ModelError::Unsupported(format!(
@@ -282,22 +262,17 @@ pub struct TextEncoders {
 impl TextEncoders {
     /// Loads the tokenizers and text encoders of the pipeline at `src`.
     pub fn load(src: &ModelSource, opts: &LoadOptions) -> Result<Self> {
-        let index_path = src.file("model_index.json").map_err(|e| {
-            ModelError::Unsupported(format!(
-                "{e}\n{} is not a diffusers pipeline folder: model_index.json is missing",
-                src.describe("")
-            ))
-        })?;
-        let index_text = read_to_string(&index_path)?;
-        let force_zeros_for_empty_prompt = serde_json::from_str::<ForceZeros>(&index_text)
-            .ok()
-            .and_then(|f| f.force_zeros_for_empty_prompt)
-            .unwrap_or(true);
-        let index = ModelIndex::from_json(&index_text).map_err(|source| ModelError::Config {
-            path: index_path.clone(),
-            what: "model_index.json",
-            source,
-        })?;
+        let (_, index, force_zeros_for_empty_prompt) = read_index(src)?;
+        Self::load_indexed(src, &index, force_zeros_for_empty_prompt, opts)
+    }
+
+    /// [`TextEncoders::load`] with the pipeline's index already read.
+    fn load_indexed(
+        src: &ModelSource,
+        index: &ModelIndex,
+        force_zeros_for_empty_prompt: bool,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let text_encoder = load_text_encoder(src, "text_encoder", false, opts)?;
         let tokenizer = load_tokenizer(src, "tokenizer")?;
         let (text_encoder_2, tokenizer_2) = if index.has("text_encoder_2") {
@@ -311,8 +286,6 @@ impl TextEncoders {
         } else {
             (None, None)
         };
-        // As `StableDiffusion::load` decides, less the UNet's own marker
-        // (an SDXL pipeline always has its second text encoder).
         let family = if text_encoder_2.is_some() {
             SdFamily::Xl
         } else if text_encoder.config().hidden_act == "gelu" {
@@ -411,6 +384,28 @@ impl StableDiffusion {
 
 fn parent(p: &std::path::Path) -> PathBuf {
     p.parent().map(PathBuf::from).unwrap_or_default()
+}
+
+/// Reads a pipeline's `model_index.json`: its path, the index, and
+/// `force_zeros_for_empty_prompt` (default true, as diffusers).
+fn read_index(src: &ModelSource) -> Result<(PathBuf, ModelIndex, bool)> {
+    let index_path = src.file("model_index.json").map_err(|e| {
+        ModelError::Unsupported(format!(
+            "{e}\n{} is not a diffusers pipeline folder: model_index.json is missing. Point --model at a folder saved by diffusers' save_pretrained (or a hub id of one)",
+            src.describe("")
+        ))
+    })?;
+    let index_text = read_to_string(&index_path)?;
+    let force_zeros = serde_json::from_str::<ForceZeros>(&index_text)
+        .ok()
+        .and_then(|f| f.force_zeros_for_empty_prompt)
+        .unwrap_or(true);
+    let index = ModelIndex::from_json(&index_text).map_err(|source| ModelError::Config {
+        path: index_path.clone(),
+        what: "model_index.json",
+        source,
+    })?;
+    Ok((index_path, index, force_zeros))
 }
 
 /// Loads the CLIP text encoder in `sub` of a pipeline.

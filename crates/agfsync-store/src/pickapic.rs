@@ -183,6 +183,36 @@ pub fn check_column_ranges<R: ChunkReader + 'static>(
     Ok(())
 }
 
+/// Refuses, before any page is decompressed, a row group larger than
+/// `max_row_bytes` times its rows (it holds at least one row over the
+/// limit). The error says which group holds how much, for the caller to
+/// complete with the limit.
+pub fn check_row_group_sizes<R: ChunkReader + 'static>(
+    reader: &SerializedFileReader<R>,
+    max_row_bytes: u64,
+) -> std::result::Result<(), String> {
+    for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
+        let rows = u64::try_from(rg.num_rows()).unwrap_or(0);
+        let bytes = u64::try_from(rg.total_byte_size()).unwrap_or(u64::MAX);
+        if bytes > max_row_bytes.saturating_mul(rows.max(1)) {
+            return Err(format!("row group {g} holds {bytes} bytes in {rows} rows"));
+        }
+    }
+    Ok(())
+}
+
+/// The bytes a decoded row holds: its strings and byte arrays, 8 for any
+/// other field.
+pub fn row_bytes(row: &Row) -> u64 {
+    row.get_column_iter()
+        .map(|(_, f)| match f {
+            Field::Str(s) => s.len() as u64,
+            Field::Bytes(b) => b.len() as u64,
+            _ => 8,
+        })
+        .sum()
+}
+
 /// The rows of a Parquet record iterator, with a panic of the parquet crate
 /// while decoding a row (it asserts on some malformed pages: a bit-packed
 /// run longer than its buffer, a dictionary-encoded page without a
@@ -246,17 +276,7 @@ fn read_rows<R: ChunkReader + 'static>(
              limit to read_pickapic_with if the file is trusted"
         ),
     };
-    // Refused before any page is decompressed: a row group larger than the
-    // limit times its rows has at least one row over the limit.
-    for (g, rg) in reader.metadata().row_groups().iter().enumerate() {
-        let rows = u64::try_from(rg.num_rows()).unwrap_or(0);
-        let bytes = u64::try_from(rg.total_byte_size()).unwrap_or(u64::MAX);
-        if bytes > max_row_bytes.saturating_mul(rows.max(1)) {
-            return Err(too_big(format!(
-                "row group {g} holds {bytes} bytes in {rows} rows"
-            )));
-        }
-    }
+    check_row_group_sizes(&reader, max_row_bytes).map_err(too_big)?;
     let present: Vec<String> = reader
         .metadata()
         .file_metadata()
@@ -283,14 +303,7 @@ fn read_rows<R: ChunkReader + 'static>(
             path: path.to_path_buf(),
             reason: format!("row {i}: {reason}"),
         })?;
-        let size: u64 = row
-            .get_column_iter()
-            .map(|(_, f)| match f {
-                Field::Str(s) => s.len() as u64,
-                Field::Bytes(b) => b.len() as u64,
-                _ => 8,
-            })
-            .sum();
+        let size = row_bytes(&row);
         if size > max_row_bytes {
             return Err(too_big(format!("row {i} holds {size} bytes")));
         }
