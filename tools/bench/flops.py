@@ -5,8 +5,8 @@ convolutions, 2 FLOPs per multiply-add: the bulk of the work).
     python3 tools/bench/flops.py [--latent 32] > flops.json
 
 Counts each workload as the benchmarks run it (random weights): the SD 1.5 and SDXL UNet step
-(batch 2), the CLIP ViT-L/14 vision tower (batch 8, 224 px), and one Diffusion-DPO step on
-SD 1.5 with one pair, LoRA and full (trained forward of winner and loser, backward, reference
+(batch 2), the CLIP ViT-L/14 vision tower (batch 8, 224 px), the VAE decode of one image
+(--vae-size), and one Diffusion-DPO step on SD 1.5 with one pair, LoRA and full (trained forward of winner and loser, backward, reference
 forward). Prints one JSON object keyed as tools/bench/table.py looks rows up
 ("unet_step/sd15/b2/32", "clip_vision/b8", "dpo_step/sd15/p1/32/lora", ...), in GFLOP.
 """
@@ -20,7 +20,7 @@ import json
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from torch_bench import SD15_UNET, SDXL_UNET, VIT_L14
+from torch_bench import SD15_UNET, SDXL_UNET, VAE, VIT_L14
 
 
 def count(fn) -> float:
@@ -32,6 +32,7 @@ def count(fn) -> float:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--vae-size", type=int, default=256, help="image side of the VAE decode")
     args = ap.parse_args()
     from diffusers import UNet2DConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -86,6 +87,12 @@ def main():
     clip = CLIPVisionModelWithProjection(vcfg).eval()
     with torch.no_grad():
         out["clip_vision/b8"] = count(lambda: clip(pixel_values=torch.randn(8, 3, 224, 224)))
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**VAE).eval()
+    side = args.vae_size // 8
+    with torch.no_grad():
+        out[f"vae_decode/{side * 8}"] = count(lambda: vae.decode(torch.randn(1, 4, side, side)))
     print(json.dumps({k: round(v, 1) for k, v in out.items()}))
 
 

@@ -49,7 +49,21 @@ both() { # arch workload args...
 }
 
 both sd15 unet --latent 32 --iters 5 --warmup 2
+both sd15 vae --size 256 --iters 3 --warmup 1
+both sd15 sample --size 256 --steps 4 --iters 1 --warmup 1
 both sd15 clip --clip-batch 8 --iters 3 --warmup 1
+# LLaVA-1.5 at 7B widths with 4 of its 32 decoder layers (28 GB in f32 whole); PyTorch's
+# prompt is given agfsync's token count.
+say "[$(date +%T)] agfsync vqa"
+"$bin" -q bench --device cpu --dtype f32 --workload vqa --questions 4 --vqa-layers 4 --iters 1 --warmup 1 \
+    >>"$results" 2>>"$logf" || say "   agfsync vqa failed (rc $?), see $logf"
+text_tokens=$(python3 -c 'import json,sys
+rows=[json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+print(next((r["question_tokens"] for r in reversed(rows) if r.get("bench")=="vqa"), 27))' "$results")
+say "[$(date +%T)] pytorch vqa ($text_tokens prompt tokens)"
+python3 "$here/torch_bench.py" --device cpu --dtype f32 --threads "$threads" --workload vqa --questions 4 \
+    --vqa-layers 4 --vqa-text-tokens "$text_tokens" --iters 1 --warmup 1 >>"$results" 2>>"$logf" ||
+    say "   pytorch vqa failed (rc $?), see $logf"
 both sd15 dpo --latent 32 --pairs 1 --iters 2 --warmup 1
 both sd15 dpo --latent 32 --pairs 1 --iters 2 --warmup 1 --gradient-checkpointing
 if [[ "${1:-}" != quick ]]; then
@@ -58,7 +72,7 @@ if [[ "${1:-}" != quick ]]; then
 fi
 
 say "[$(date +%T)] counting FLOPs"
-(cd "$here" && python3 flops.py --latent 32 >"$out/flops.json") 2>>"$logf" || say "flops.py failed, see $logf"
+(cd "$here" && python3 flops.py --latent 32 --vae-size 256 >"$out/flops.json") 2>>"$logf" || say "flops.py failed, see $logf"
 machine="$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -n1), $cores cores, $threads threads, $(date +%F)"
 python3 "$here/table.py" "$results" --title "agfsync CPU benchmark" --machine "$machine" \
     --flops "$out/flops.json" --peak-gflops "$peak" >"$out/table.md"

@@ -24,6 +24,8 @@ def flops_key(r: dict) -> str | None:
         return f"unet_step/{r.get('arch')}/b{r.get('batch')}/{r.get('latent_hw')}"
     if b == "clip_score":
         return f"clip_vision/b{r.get('batch')}"
+    if b == "vae_decode":
+        return f"vae_decode/{r.get('size')}"
     if b == "dpo_step":
         return f"dpo_step/{r.get('arch')}/p{r.get('pairs')}/{r.get('latent_hw')}/{r.get('mode', 'full')}"
     return None
@@ -35,8 +37,13 @@ def what(r: dict) -> str:
         return f"UNet step, batch {r.get('batch')}, {r.get('latent_hw')}x{r.get('latent_hw')} latents"
     if b == "sample":
         return f"one image, {r.get('size')} px, {r.get('steps')} steps {r.get('scheduler', '')}, CFG"
+    if b == "vae_decode":
+        return f"VAE decode, one {r.get('size')}x{r.get('size')} image"
     if b == "clip_score":
         return f"CLIP vision tower, batch {r.get('batch')}"
+    if b == "vqa":
+        return (f"VQA P(yes), {r.get('questions')} questions about one image, "
+                f"{r.get('lm_layers')} LM layers")
     if b == "dpo_step":
         ck = ", checkpointing" if r.get("gradient_checkpointing") else ""
         return (f"DPO step ({r.get('mode', 'full')}{ck}), {r.get('pairs')} pair(s), "
@@ -100,6 +107,8 @@ def main():
     fields = {
         "unet_step": ("arch", "batch", "latent_hw"),
         "sample": ("arch", "size", "steps"),
+        "vae_decode": ("size",),
+        "vqa": ("questions", "lm_layers"),
         "clip_score": ("batch",),
         "dpo_step": ("arch", "mode", "gradient_checkpointing", "pairs", "latent_hw"),
     }

@@ -6,12 +6,16 @@ tools/cuda/gpu_bench.sh (GPU) run both and print one table (tools/bench/table.py
     python3 tools/bench/torch_bench.py --device cpu --dtype f32 --workload unet --latent 32 --threads 2
     python3 tools/bench/torch_bench.py --workload unet --arch sd15 --dtype bf16 [--latent 64]
     python3 tools/bench/torch_bench.py --workload sample --arch sd15 --dtype f16 --size 512 --steps 20
+    python3 tools/bench/torch_bench.py --workload vae --dtype f16 --size 512
     python3 tools/bench/torch_bench.py --workload clip --dtype f16 --clip-batch 8
     python3 tools/bench/torch_bench.py --workload dpo --arch sd15 --dtype bf16 --latent 64 --pairs 1 [--full]
 
   unet    one UNet2DConditionModel forward, batch 2 (a CFG step), per-sample timesteps
   sample  one image end to end: CLIP text encoding (prompt + empty negative), N steps of
           DDIM (SD 1.5) / Euler (SDXL) with guidance 7.5, VAE decode
+  vae     AutoencoderKL.decode of one image's latents (SD's VAE, --size pixels)
+  vqa     LLaVA-1.5 (7B shapes, --vqa-layers decoder layers): P(yes) of --questions questions about
+          one image, one batched forward with the image per question, last-position logits
   clip    CLIP ViT-L/14: CLIPImageProcessor alone, the vision tower on a ready batch, and the
           score end to end (processor on 512x512 PIL images + vision tower + cosine)
   dpo     one Diffusion-DPO optimizer step as diffusers' train_diffusion_dpo.py takes it:
@@ -237,6 +241,83 @@ class Bench:
                    finite=finite, step_s=res["median_s"] / max(1, steps), **res)
         return out
 
+    def run_vae(self):
+        torch = self.torch
+        from diffusers import AutoencoderKL
+
+        self.reset_peak()
+        t0 = time.perf_counter()
+        vae = AutoencoderKL(**VAE).to(self.dtype).eval()
+        self.sync()
+        build_s = time.perf_counter() - t0
+        side = self.args.size // 8
+        z = torch.randn(1, 4, side, side, dtype=self.dtype)
+        with torch.inference_mode():
+            holder = {}
+            res = self.timed(lambda: holder.__setitem__("img", vae.decode(z).sample))
+            finite = bool(torch.isfinite(holder["img"]).all())
+        out = self.base("vae_decode")
+        out.update(arch=self.args.arch, size=side * 8, params_m=sum(p.numel() for p in vae.parameters()) / 1e6,
+                   build_s=build_s, finite=finite, **res)
+        return out
+
+    def run_vqa(self):
+        """P(yes) for --questions yes/no questions about one image with LLaVA-1.5 (llava-1.5-7b's
+        shapes, --vqa-layers of its 32 decoder layers): the image processor once, then one batched
+        forward of every question with its image (the HF model encodes the image per sequence),
+        logits of the last position only, softmax, P(yes)."""
+        torch = self.torch
+        import numpy as np
+        import transformers
+        from PIL import Image
+        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+        try:
+            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
+        except ImportError:  # transformers 4.x
+            from transformers import CLIPImageProcessor as Proc
+        transformers.utils.logging.set_verbosity_error()
+        self.reset_peak()
+        t0 = time.perf_counter()
+        cfg = LlavaConfig(
+            vision_config=CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                           num_attention_heads=16, image_size=336, patch_size=14,
+                                           hidden_act="quick_gelu", projection_dim=768),
+            text_config=LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                                    num_hidden_layers=self.args.vqa_layers, num_attention_heads=32,
+                                    num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5),
+            image_token_index=32000, projector_hidden_act="gelu", vision_feature_layer=-2,
+            vision_feature_select_strategy="default")
+        model = LlavaForConditionalGeneration(cfg).to(self.dtype).eval()
+        self.sync()
+        build_s = time.perf_counter() - t0
+        processor = Proc(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        j = np.arange(512 * 512 * 3)
+        image = Image.fromarray((((j * 7 + (j // 1536) * 3) % 251).astype(np.uint8)).reshape(512, 512, 3))
+        q, text = self.args.questions, self.args.vqa_text_tokens
+        # BOS and `USER:`, the 576 image tokens, then the question's text tokens (agfsync's bench
+        # reports its count as question_tokens, the image placeholder counted once).
+        head = [1, 3148, 1001, 29901]
+        tail = list(range(500, 500 + max(1, text - len(head) - 1)))
+        ids = torch.tensor([head + [32000] * 576 + tail] * q)
+        yes = [3869, 4874]
+
+        def p_yes():
+            pv = processor(images=image, return_tensors="pt")["pixel_values"].to(self.dev, self.dtype)
+            logits = model(input_ids=ids, pixel_values=pv.expand(q, -1, -1, -1), logits_to_keep=1).logits
+            return logits[:, -1].float().softmax(-1)[:, yes].sum(-1)
+
+        with torch.inference_mode():
+            holder = {}
+            res = self.timed(lambda: holder.__setitem__("p", p_yes()))
+            finite = bool(torch.isfinite(holder["p"]).all())
+        out = self.base("vqa")
+        out.update(arch="llava-1.5-7b", transformers=transformers.__version__, questions=q,
+                   lm_layers=self.args.vqa_layers, image_tokens=576, question_tokens=len(head) + 1 + len(tail),
+                   params_m=sum(p.numel() for p in model.parameters()) / 1e6, build_s=build_s, finite=finite,
+                   question_s=res["median_s"] / max(1, q), **res)
+        return out
+
     def run_clip(self):
         torch = self.torch
         import numpy as np
@@ -363,7 +444,7 @@ class Bench:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", default="unet", help="comma-separated: unet,sample,clip,dpo")
+    ap.add_argument("--workload", default="unet", help="comma-separated: unet,sample,vae,clip,vqa,dpo")
     ap.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f16")
@@ -374,6 +455,10 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--clip-batch", type=int, default=8)
+    ap.add_argument("--questions", type=int, default=4, help="vqa: yes/no questions about the image")
+    ap.add_argument("--vqa-layers", type=int, default=32, help="vqa: decoder layers of the 7B language model")
+    ap.add_argument("--vqa-text-tokens", type=int, default=27,
+                    help="vqa: tokens of the chat prompt around the image (agfsync's question_tokens)")
     ap.add_argument("--pairs", type=int, default=1)
     ap.add_argument("--full", action="store_true", help="dpo: the whole UNet instead of a LoRA")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="dpo: recompute activations")
@@ -381,7 +466,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    names = {"unet": "unet_step", "sample": "sample", "clip": "clip_score", "dpo": "dpo_step"}
+    names = {"unet": "unet_step", "sample": "sample", "vae": "vae_decode", "clip": "clip_score", "vqa": "vqa",
+             "dpo": "dpo_step"}
     try:
         bench = Bench(args)
     except ImportError as e:
@@ -394,7 +480,7 @@ def main():
         except ImportError as e:
             out = {"bench": names.get(w, w), "impl": "pytorch", "skipped": f"missing package: {e}"}
         log(f"{w}: {out.get('median_s', out.get('skipped'))}")
-        out.setdefault("arch", args.arch if w != "clip" else "clip-vit-large-patch14")
+        out.setdefault("arch", {"clip": "clip-vit-large-patch14", "vqa": "llava-1.5-7b"}.get(w, args.arch))
         # A skipped row still says what it would have run, for the table.
         for k, v in dict(dtype=args.dtype, batch=args.clip_batch if w == "clip" else args.batch,
                          latent_hw=args.latent, size=args.size, steps=args.steps, pairs=args.pairs).items():

@@ -75,8 +75,15 @@ fn serve(script: Vec<Reply>) -> Server {
                 std::thread::spawn(move || {
                     let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
                     max_in_flight.fetch_max(now, Ordering::SeqCst);
-                    handle(stream, &script, &seen);
+                    let response = handle(stream, &script, &seen);
+                    // Out of flight before the answer is written: the
+                    // client may send its next request the moment the
+                    // answer arrives, before this thread would decrement.
                     in_flight.fetch_sub(1, Ordering::SeqCst);
+                    if let Some((mut out, bytes)) = response {
+                        let _ = out.write_all(&bytes);
+                        let _ = out.flush();
+                    }
                 });
             }
         });
@@ -88,13 +95,19 @@ fn serve(script: Vec<Reply>) -> Server {
     }
 }
 
-fn handle(stream: TcpStream, script: &Mutex<VecDeque<Reply>>, seen: &Mutex<Vec<Seen>>) {
+/// Reads one request and returns the stream with the scripted answer's
+/// bytes (none when the script hangs up or the request is unreadable).
+fn handle(
+    stream: TcpStream,
+    script: &Mutex<VecDeque<Reply>>,
+    seen: &Mutex<Vec<Seen>>,
+) -> Option<(TcpStream, Vec<u8>)> {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut headers = Vec::new();
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
+            return None;
         }
         let line = line.trim_end().to_string();
         if line.is_empty() {
@@ -132,7 +145,7 @@ fn handle(stream: TcpStream, script: &Mutex<VecDeque<Reply>>, seen: &Mutex<Vec<S
         }
         Reply::Hang(d) => {
             std::thread::sleep(d);
-            return;
+            return None;
         }
         Reply::EchoAuth => (
             401,
@@ -141,7 +154,6 @@ fn handle(stream: TcpStream, script: &Mutex<VecDeque<Reply>>, seen: &Mutex<Vec<S
                 .to_string(),
         ),
     };
-    let mut out = stream;
     let mut head = format!(
         "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
         text.len()
@@ -150,9 +162,8 @@ fn handle(stream: TcpStream, script: &Mutex<VecDeque<Reply>>, seen: &Mutex<Vec<S
         head.push_str(&format!("{k}: {v}\r\n"));
     }
     head.push_str("\r\n");
-    let _ = out.write_all(head.as_bytes());
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
+    head.push_str(&text);
+    Some((stream, head.into_bytes()))
 }
 
 fn config(server: &Server) -> HttpConfig {

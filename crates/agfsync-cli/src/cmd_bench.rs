@@ -12,12 +12,13 @@ use crate::common::{check_dtype_device, parse_device, parse_dtype};
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     /// Workloads to run, in order (repeat or separate with commas):
-    /// unet (one UNet forward), sample (one image end to end), clip (CLIP
-    /// score of a batch), dpo (one Diffusion-DPO training step: LoRA, or the
-    /// whole UNet with --full).
+    /// unet (one UNet forward), sample (one image end to end), vae (VAE
+    /// decoding of one image), clip (CLIP score of a batch), vqa (LLaVA-1.5
+    /// P(yes) for questions about one image), dpo (one Diffusion-DPO
+    /// training step: LoRA, or the whole UNet with --full).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["unet".to_string()])]
     pub workload: Vec<String>,
-    /// UNet architecture of the unet, sample and dpo workloads: sd15 or sdxl.
+    /// UNet architecture of the unet, sample, vae and dpo workloads: sd15 or sdxl.
     #[arg(long, default_value = "sd15")]
     pub arch: String,
     /// Device: cpu, cuda or cuda:N.
@@ -41,7 +42,7 @@ pub struct BenchArgs {
     /// unet, dpo: latent height and width (image size / 8).
     #[arg(long, default_value_t = 64)]
     pub latent: usize,
-    /// sample: image height and width in pixels.
+    /// sample, vae: image height and width in pixels.
     #[arg(long, default_value_t = 512)]
     pub size: usize,
     /// sample: denoising steps.
@@ -50,6 +51,13 @@ pub struct BenchArgs {
     /// clip: images per batch.
     #[arg(long, default_value_t = 8)]
     pub clip_batch: usize,
+    /// vqa: yes/no questions about the image.
+    #[arg(long, default_value_t = 4)]
+    pub questions: usize,
+    /// vqa: decoder layers of the 7B language model (32 is the whole model,
+    /// 28 GB in f32; fewer for a CPU).
+    #[arg(long, default_value_t = 32)]
+    pub vqa_layers: usize,
     /// dpo: preference pairs per step.
     #[arg(long, default_value_t = 1)]
     pub pairs: usize,
@@ -84,6 +92,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         let line = match w.as_str() {
             "unet" => bench::unet_step(&o, a.batch, a.latent)?,
             "sample" => bench::sample(&o, a.size, a.steps)?,
+            "vae" => bench::vae_decode(&o, a.size)?,
+            "vqa" => bench::vqa(&o, a.questions, a.vqa_layers)?,
             "clip" => bench::clip_score(&o, a.clip_batch)?,
             "dpo" => bench::dpo_step(
                 &o,
@@ -94,7 +104,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     gradient_checkpointing: a.gradient_checkpointing,
                 },
             )?,
-            other => bail!("unknown workload `{other}`: use unet, sample, clip or dpo"),
+            other => bail!("unknown workload `{other}`: use unet, sample, vae, clip, vqa or dpo"),
         };
         println!("{line}");
     }

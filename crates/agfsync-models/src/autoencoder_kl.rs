@@ -394,7 +394,7 @@ impl AutoencoderKl {
             }
         }
         x = e.mid.forward(&x, pass)?;
-        x = e.act.forward(&e.norm_out.forward(&x, pass)?)?;
+        x = e.norm_out.forward_act(&x, e.act, pass)?;
         x = e.conv_out.forward(&x, pass)?;
         if let Some(q) = &self.quant_conv {
             x = q.forward(&x, pass)?;
@@ -425,7 +425,7 @@ impl AutoencoderKl {
                 x = u.forward(&x.upsample_nearest2d(h * 2, w * 2)?, pass)?;
             }
         }
-        x = d.act.forward(&d.norm_out.forward(&x, pass)?)?;
+        x = d.norm_out.forward_act(&x, d.act, pass)?;
         d.conv_out.forward(&x, pass)
     }
 }

@@ -318,12 +318,9 @@ fn conv2d(
         )?;
         return y.to_dtype(DType::BF16);
     }
-    if differentiable && crate::vjp::conv2d_supported(w, padding) {
-        // Our own backward: only the gradients that are needed, the input's
-        // as a convolution (see `vjp`).
-        return crate::vjp::conv2d(x, w, padding, stride, |x, w| {
-            x.conv2d(w, padding, stride, 1, 1)
-        });
+    if differentiable && crate::vjp::conv2d_supported(x, w, padding) {
+        // Our own backward: only the gradients that are needed (see `vjp`).
+        return crate::vjp::conv2d(x, w, padding, stride);
     }
     if differentiable && stride > 1 {
         let (_, _, h, wd) = x.dims4()?;
@@ -336,7 +333,7 @@ fn conv2d(
             return conv2d_unfolded(x, w, padding, stride);
         }
     }
-    x.conv2d(w, padding, stride, 1, 1)
+    crate::cpu_conv::conv2d(x, w, None, padding, stride)
 }
 
 /// A convolution (no dilation, one group) as explicit patches and a matrix
@@ -496,11 +493,18 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let kernel = self.weight();
         let w = pass.weight(&kernel);
-        let mut y = conv2d(x, &w, self.padding, self.stride, pass.differentiable)?;
-        if let Some(b) = &self.bias {
-            let b = pass.weight(b).reshape((1, (), 1, 1))?;
-            y = y.broadcast_add(&b)?;
-        }
+        let mut y = if !pass.differentiable && x.dtype() != DType::BF16 {
+            // No graph: the bias is written with the product (cpu_conv).
+            let b = self.bias.as_ref().map(Tensor::detach);
+            crate::cpu_conv::conv2d(x, &w, b.as_ref(), self.padding, self.stride)?
+        } else {
+            let mut y = conv2d(x, &w, self.padding, self.stride, pass.differentiable)?;
+            if let Some(b) = &self.bias {
+                let b = pass.weight(b).reshape((1, (), 1, 1))?;
+                y = y.broadcast_add(&b)?;
+            }
+            y
+        };
         if pass.adapters {
             if let LinearWeight::Slot(slot) = &self.weight {
                 let (_, in_c, kh, kw) = kernel.dims4()?;
@@ -551,8 +555,41 @@ impl GroupNorm {
         })
     }
 
-    /// Normalises `x`; always built from differentiable primitives.
+    /// Normalises `x`.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
+        if crate::cpu_norm::handles(x) {
+            return self.fused(x, false, pass);
+        }
+        self.composed(x, pass)
+    }
+
+    /// `act(self.forward(x))`: on the CPU one fused kernel when `act` is
+    /// SiLU (every ResNet block's norm is followed by it).
+    pub fn forward_act(&self, x: &Tensor, act: Activation, pass: Pass) -> Result<Tensor> {
+        if crate::cpu_norm::handles(x) {
+            let silu = act == Activation::Silu;
+            let y = self.fused(x, silu, pass)?;
+            return if silu { Ok(y) } else { act.forward(&y) };
+        }
+        act.forward(&self.composed(x, pass)?)
+    }
+
+    /// [`crate::cpu_norm`]'s kernel, differentiable on a training pass.
+    fn fused(&self, x: &Tensor, silu: bool, pass: Pass) -> Result<Tensor> {
+        crate::cpu_norm::group_norm(
+            x,
+            &pass.weight(&self.weight),
+            &pass.weight(&self.bias),
+            self.groups,
+            self.eps,
+            silu,
+            pass.differentiable,
+        )
+    }
+
+    /// The norm composed of differentiable candle ops (other devices and
+    /// dtypes), statistics in f32 for half precision.
+    fn composed(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();

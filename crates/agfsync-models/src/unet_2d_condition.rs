@@ -389,13 +389,13 @@ impl ResnetBlock2D {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, temb: Option<&Tensor>, pass: Pass) -> Result<Tensor> {
-        let h = self.act.forward(&self.norm1.forward(x, pass)?)?;
+        let h = self.norm1.forward_act(x, self.act, pass)?;
         let mut h = self.conv1.forward(&h, pass)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&self.act.forward(temb)?, pass)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.act.forward(&self.norm2.forward(&h, pass)?)?;
+        let h = self.norm2.forward_act(&h, self.act, pass)?;
         let h = self.conv2.forward(&h, pass)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x, pass)?,
@@ -1111,7 +1111,7 @@ impl UNet2DConditionModel {
         let out = exec.unit(
             &[&x],
             Box::new(move |t| {
-                let x = act.forward(&norm.forward(&t[0], pass)?)?;
+                let x = norm.forward_act(&t[0], act, pass)?;
                 conv_out.forward(&x, pass)
             }),
         )?;

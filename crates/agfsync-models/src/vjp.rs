@@ -28,6 +28,8 @@ use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
+use crate::cpu_conv;
+
 /// What the op computed, to derive its gradients.
 #[derive(Clone, Copy, Debug)]
 enum Kind {
@@ -129,13 +131,22 @@ impl CustomOp2 for Attached {
                 Ok((gx, gw))
             }
             Kind::Conv { padding, stride } => {
+                // On the CPU both as patches and products (cpu_conv);
+                // elsewhere as convolutions.
+                let cpu = cpu_conv::handles(&g);
                 let gx = self
                     .x
-                    .then(|| conv2d_input_grad(&g, &w, x.dims4()?, padding, stride))
+                    .then(|| match cpu {
+                        true => cpu_conv::conv2d_input_grad(&g, &w, x.dims4()?, padding, stride),
+                        false => conv2d_input_grad(&g, &w, x.dims4()?, padding, stride),
+                    })
                     .transpose()?;
                 let gw = self
                     .w
-                    .then(|| conv2d_weight_grad(&g, &x, w.dims4()?, padding, stride))
+                    .then(|| match cpu {
+                        true => cpu_conv::conv2d_weight_grad(&g, &x, w.dims4()?, padding, stride),
+                        false => conv2d_weight_grad(&g, &x, w.dims4()?, padding, stride),
+                    })
                     .transpose()?;
                 Ok((gx, gw))
             }
@@ -165,25 +176,21 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     attach(x, w, out, Kind::Linear)
 }
 
-/// `conv2d(x, w)` (no dilation, one group) through `conv`, the forward
-/// convolution to use, differentiable in both operands; the input gradient
-/// is itself a convolution (kernels whose padding is at most their size
-/// minus one, as every UNet convolution's is), not a transposed one.
-pub fn conv2d(
-    x: &Tensor,
-    w: &Tensor,
-    padding: usize,
-    stride: usize,
-    conv: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let out = conv(&x.detach(), &w.detach())?;
+/// `conv2d(x, w)` (no dilation, one group), differentiable in both
+/// operands. On the CPU (f32, f64) forward and gradients are
+/// [`cpu_conv`]'s; elsewhere the input gradient is itself a convolution
+/// (kernels whose padding is at most their size minus one, as every UNet
+/// convolution's is), not a transposed one.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let out = cpu_conv::conv2d(&x.detach(), &w.detach(), None, padding, stride)?;
     attach(x, w, out, Kind::Conv { padding, stride })
 }
 
-/// Whether [`conv2d`]'s backward handles this kernel and padding.
-pub fn conv2d_supported(w: &Tensor, padding: usize) -> bool {
-    w.dims4()
-        .is_ok_and(|(_, _, kh, kw)| padding < kh && padding < kw)
+/// Whether [`conv2d`]'s backward handles this input, kernel and padding.
+pub fn conv2d_supported(x: &Tensor, w: &Tensor, padding: usize) -> bool {
+    cpu_conv::handles(x)
+        || w.dims4()
+            .is_ok_and(|(_, _, kh, kw)| padding < kh && padding < kw)
 }
 
 /// `dL/dx` of `y = conv2d(x, w, padding, stride)` given `g = dL/dy`:
@@ -459,10 +466,7 @@ mod tests {
         ] {
             let x = Var::from_tensor(&randn(&[2, 3, h, wd], 1)).expect("var");
             let w = Var::from_tensor(&randn(&[4, 3, k, k], 2)).expect("var");
-            let ours = conv2d(x.as_tensor(), w.as_tensor(), pad, stride, |x, w| {
-                x.conv2d(w, pad, stride, 1, 1)
-            })
-            .expect("ours");
+            let ours = conv2d(x.as_tensor(), w.as_tensor(), pad, stride).expect("ours");
             // Patches and a matrix product: candle's backward of its own
             // strided convolution fails on 9x8 (see `nn::conv2d`).
             let reference = crate::nn::conv2d_unfolded(x.as_tensor(), w.as_tensor(), pad, stride)
@@ -480,6 +484,22 @@ mod tests {
                 let d = max_diff(a, b);
                 assert!(d < 1e-10, "{h}x{wd} k{k} p{pad} s{stride}: {d}");
             }
+            // The gradients as convolutions (the path of other devices)
+            // agree with the CPU's patches and products.
+            let gx = conv2d_input_grad(&r, w.as_tensor(), (2, 3, h, wd), pad, stride)
+                .expect("input grad");
+            let gw = conv2d_weight_grad(&r, x.as_tensor(), (4, 3, k, k), pad, stride)
+                .expect("weight grad");
+            let d = max_diff(&gx, go.get(x.as_tensor()).expect("grad"));
+            assert!(
+                d < 1e-10,
+                "{h}x{wd} k{k} p{pad} s{stride} as convolution: {d}"
+            );
+            let d = max_diff(&gw, go.get(w.as_tensor()).expect("grad"));
+            assert!(
+                d < 1e-10,
+                "{h}x{wd} k{k} p{pad} s{stride} as convolution: {d}"
+            );
         }
     }
 
@@ -499,7 +519,7 @@ mod tests {
         assert!(max_diff(gx, &ones.matmul(&w).expect("mm")) < 1e-12);
         let wc = randn(&[4, 2, 3, 3], 6);
         let xc = Var::from_tensor(&randn(&[1, 2, 5, 5], 7)).expect("var");
-        let y = conv2d(xc.as_tensor(), &wc, 1, 1, |x, w| x.conv2d(w, 1, 1, 1, 1)).expect("conv");
+        let y = conv2d(xc.as_tensor(), &wc, 1, 1).expect("conv");
         let grads = y.sum_all().and_then(|l| l.backward()).expect("backward");
         assert!(grads.get(&wc).is_none());
         assert!(grads.get(xc.as_tensor()).is_some());

@@ -31,8 +31,12 @@ use agfsync_dpo::trainer::{ModelSpec, TrainConfig, TrainDtype, Trainer};
 use agfsync_feedback::clip::{ClipConfig, ClipModel};
 use agfsync_feedback::clip_score::ClipScorer;
 use agfsync_feedback::image_input::LoadedImage;
-use agfsync_feedback::preprocess::{ClipImageProcessor, ImageProcessorConfig, ResizeBackend};
-use agfsync_feedback::scorer::{BatchCache, ScoreRequest, Scorer};
+use agfsync_feedback::llava::{load_tokenizer, Llava, LlavaConfig, LlavaLoadOptions};
+use agfsync_feedback::preprocess::{
+    ClipImageProcessor, ImageProcessorConfig, ResizeBackend, ResizeTarget,
+};
+use agfsync_feedback::scorer::{BatchCache, Question, ScoreRequest, Scorer};
+use agfsync_feedback::vqa::{VqaOptions, VqaScorer};
 use agfsync_models::autoencoder_kl::{AutoencoderKl, AutoencoderKlConfig};
 use agfsync_models::clip_text::{ClipTextConfig, ClipTextModel};
 use agfsync_models::clip_tokenizer::ClipTokenizer;
@@ -420,19 +424,7 @@ fn make_full_size(sd: &mut StableDiffusion, dir: &Path, o: &BenchOptions) -> Res
     let vb = weights.var_builder(o.dtype, &o.device);
     sd.unet = UNet2DConditionModel::new(&unet_config(o.arch, false)?, vb.pp("unet"))?;
     let xl = o.arch == BenchArch::Sdxl;
-    let vae: AutoencoderKlConfig = serde_json::from_value(json_with(
-        &dir.join("vae/config.json"),
-        json!({
-            "down_block_types": vec!["DownEncoderBlock2D"; 4],
-            "up_block_types": vec!["UpDecoderBlock2D"; 4],
-            "block_out_channels": [128, 256, 512, 512],
-            "layers_per_block": 2,
-            "norm_num_groups": 32,
-            "sample_size": if xl { 1024 } else { 512 },
-        }),
-    )?)
-    .map_err(Error::wrap)?;
-    sd.vae = AutoencoderKl::new(&vae, vb.pp("vae"))?;
+    sd.vae = AutoencoderKl::new(&full_vae_config(o.arch, dir)?, vb.pp("vae"))?;
     // CLIP ViT-L/14's text tower (SD 1.5, SDXL's first encoder).
     let te: ClipTextConfig = serde_json::from_value(json_with(
         &dir.join("text_encoder/config.json"),
@@ -464,6 +456,69 @@ fn make_full_size(sd: &mut StableDiffusion, dir: &Path, o: &BenchOptions) -> Res
         sd.text_encoder_2 = Some(ClipTextModel::new(&te2, true, vb.pp("te2"))?);
     }
     Ok(weights.params())
+}
+
+/// The real SD VAE (SD 1.5's and SDXL's share the architecture) over the
+/// tiny pipeline's VAE config in `dir` (scaling factor and the rest).
+fn full_vae_config(arch: BenchArch, dir: &Path) -> Result<AutoencoderKlConfig> {
+    serde_json::from_value(json_with(
+        &dir.join("vae/config.json"),
+        json!({
+            "down_block_types": vec!["DownEncoderBlock2D"; 4],
+            "up_block_types": vec!["UpDecoderBlock2D"; 4],
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+            "norm_num_groups": 32,
+            "sample_size": if arch == BenchArch::Sdxl { 1024 } else { 512 },
+        }),
+    )?)
+    .map_err(Error::wrap)
+}
+
+/// VAE decoding of one `size` x `size` image from its latents, the last
+/// stage of every sample: the real SD VAE with random weights (the tiny one
+/// with `tiny`), the same call as the pipeline's `decode_latents`.
+pub fn vae_decode(o: &BenchOptions, size: usize) -> Result<Value> {
+    let work = o.work_dir("vae")?;
+    let dir = work.dir.join(format!("tiny-{}", o.arch.name()));
+    write_tiny_sd_pipeline(&dir, o.arch.preset(), o.seed).map_err(Error::wrap)?;
+    let t0 = Instant::now();
+    let weights = DeviceRandom::new();
+    let cfg = if o.tiny {
+        AutoencoderKlConfig::from_json(
+            &std::fs::read_to_string(dir.join("vae/config.json")).map_err(Error::wrap)?,
+        )
+        .map_err(Error::wrap)?
+    } else {
+        full_vae_config(o.arch, &dir)?
+    };
+    let vae = AutoencoderKl::new(&cfg, weights.var_builder(o.dtype, &o.device))?;
+    o.device.synchronize()?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let f = cfg.scale_factor();
+    let side = (size / f).max(1);
+    let z = Tensor::randn(0f32, 1.0, (1, cfg.latent_channels, side, side), &o.device)?
+        .to_dtype(o.dtype)?;
+    let mut finite = true;
+    reset_peak_rss();
+    let timing = time_runs(&o.device, o.warmup, o.iters, || {
+        let img = vae.decode(&z, Pass::INFERENCE)?;
+        finite = img
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?
+            .is_finite();
+        Ok(())
+    })?;
+    let mut m = o.base_json("vae_decode");
+    m.insert("arch".into(), json!(o.arch.name()));
+    m.insert("size".into(), json!(side * f));
+    m.insert("params_m".into(), json!(weights.params() as f64 / 1e6));
+    m.insert("build_s".into(), json!(build_s));
+    m.insert("finite".into(), json!(finite));
+    timing.insert(&mut m);
+    insert_peak_rss(&mut m);
+    Ok(Value::Object(m))
 }
 
 /// Generates one image of `size` x `size` end to end: prompt encoding,
@@ -625,6 +680,150 @@ pub fn clip_score(o: &BenchOptions, batch: usize) -> Result<Value> {
     );
     // The table's time column: the end-to-end score of one batch.
     score.insert(&mut m);
+    insert_peak_rss(&mut m);
+    Ok(Value::Object(m))
+}
+
+/// The questions of the VQA workload: TIFA-style yes/no questions about the
+/// prompt `a red cube on a blue sphere`, in the tiny tokenizer's words (so
+/// both the tiny and the real-size model read them as words, not unknowns).
+const VQA_QUESTIONS: [&str; 4] = [
+    "Is there a red cube ?",
+    "Is there a blue sphere ?",
+    "Is the cube on the sphere ?",
+    "Is the cube red ?",
+];
+
+/// VQA scoring of one image with LLaVA-1.5 ([`VqaScorer`]): the image
+/// encoded once, the shared prompt prefix run once into a KV cache, then
+/// `questions` yes/no questions as one batch, each giving P(yes) at its
+/// first answer position (`max_new_tokens` 1). The real size is
+/// llava-1.5-7b (CLIP ViT-L/14 at 336 px, a 4096-wide Llama) with
+/// `lm_layers` of its 32 decoder layers (a CPU cannot hold the whole 7B
+/// model in f32: 28 GB); the tiny model with `tiny`.
+pub fn vqa(o: &BenchOptions, questions: usize, lm_layers: usize) -> Result<Value> {
+    let work = o.work_dir("vqa")?;
+    let dir = work.dir.join("tiny-llava");
+    agfsync_feedback::llava::write_tiny_llava(&dir, o.seed).map_err(Error::wrap)?;
+    let t0 = Instant::now();
+    let weights = DeviceRandom::new();
+    let model = if o.tiny {
+        Llava::load(
+            &ModelSource::local(&dir),
+            &LlavaLoadOptions {
+                dtype: o.dtype,
+                device: o.device.clone(),
+                resize_backend: ResizeBackend::Pil,
+            },
+        )
+        .map_err(Error::wrap)?
+    } else {
+        // The tiny word-level tokenizer: its ids fall inside the real
+        // vocabulary, and `<image>` is its last id.
+        let tokenizer = load_tokenizer(&dir.join("tokenizer.json")).map_err(Error::wrap)?;
+        let image_id = tokenizer.get_vocab_size(true).saturating_sub(1);
+        let config = json!({
+            "model_type": "llava",
+            "image_token_index": image_id,
+            "projector_hidden_act": "gelu",
+            "vision_feature_layer": -2,
+            "vision_feature_select_strategy": "default",
+            "text_config": {
+                "model_type": "llama", "vocab_size": 32064, "hidden_size": 4096,
+                "intermediate_size": 11008, "num_hidden_layers": lm_layers,
+                "num_attention_heads": 32, "num_key_value_heads": 32,
+                "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3,
+                "tie_word_embeddings": false
+            },
+            "vision_config": {
+                "model_type": "clip_vision_model", "hidden_size": 1024,
+                "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu",
+                "projection_dim": 768, "layer_norm_eps": 1e-5
+            }
+        });
+        let config = LlavaConfig::from_json(&config.to_string()).map_err(Error::Msg)?;
+        let processor = ClipImageProcessor::new(
+            ImageProcessorConfig {
+                size: ResizeTarget::ShortestEdge(336),
+                crop_size: (336, 336),
+                ..ImageProcessorConfig::default()
+            },
+            ResizeBackend::Pil,
+        )
+        .map_err(Error::wrap)?;
+        Llava::from_parts(
+            config,
+            weights.var_builder(o.dtype, &o.device),
+            tokenizer,
+            processor,
+            "random llava-1.5-7b",
+        )
+        .map_err(Error::wrap)?
+    };
+    o.device.synchronize()?;
+    let build_s = t0.elapsed().as_secs_f64();
+    let scorer = VqaScorer::new(
+        Arc::new(model),
+        VqaOptions {
+            max_new_tokens: 1,
+            vqascore_template: String::new(),
+            ..VqaOptions::default()
+        },
+    )
+    .map_err(Error::wrap)?;
+    let qs: Vec<Question> = (0..questions)
+        .map(|i| Question {
+            question: VQA_QUESTIONS[i % VQA_QUESTIONS.len()].to_string(),
+            ..Question::default()
+        })
+        .collect();
+    let rgb = (0..512 * 512 * 3)
+        .map(|j| ((j * 7 + (j / 1536) * 3) % 251) as u8)
+        .collect();
+    let image = LoadedImage::from_rgb("img.png".to_string(), 512, 512, rgb).map_err(Error::wrap)?;
+    let prompt = "a red cube on a blue sphere";
+    let mut finite = true;
+    reset_peak_rss();
+    let timing = time_runs(&o.device, o.warmup, o.iters, || {
+        let out = scorer.answer(&[&image], prompt, &qs).map_err(Error::wrap)?;
+        for answers in out {
+            let answers = answers.map_err(Error::wrap)?;
+            finite = answers
+                .answers
+                .iter()
+                .all(|a| a.p_yes.is_some_and(f64::is_finite));
+        }
+        Ok(())
+    })?;
+    let model = scorer.model();
+    let mut m = o.base_json("vqa");
+    m.insert(
+        "arch".into(),
+        json!(if o.tiny { "tiny-llava" } else { "llava-1.5-7b" }),
+    );
+    m.insert("questions".into(), json!(questions));
+    m.insert(
+        "lm_layers".into(),
+        json!(model.lm().config().num_hidden_layers),
+    );
+    m.insert("image_tokens".into(), json!(model.image_tokens()));
+    m.insert(
+        "question_tokens".into(),
+        json!(model
+            .encode_text(&scorer.chat_prompt(&scorer.question_text(&qs[0])))
+            .map_err(Error::wrap)?
+            .len()),
+    );
+    m.insert("params_m".into(), json!(weights.params() as f64 / 1e6));
+    m.insert("build_s".into(), json!(build_s));
+    m.insert("finite".into(), json!(finite));
+    m.insert(
+        "question_s".into(),
+        json!(timing.median_s / questions.max(1) as f64),
+    );
+    timing.insert(&mut m);
     insert_peak_rss(&mut m);
     Ok(Value::Object(m))
 }
@@ -808,6 +1007,10 @@ mod tests {
             check(&v, "sample");
             assert_eq!(v["steps"], 2);
             assert_eq!(v["finite"], true);
+            let v = vae_decode(&o, 64).expect("vae");
+            check(&v, "vae_decode");
+            assert_eq!(v["size"], 64);
+            assert_eq!(v["finite"], true);
             for (full, gradient_checkpointing) in [(false, false), (true, true)] {
                 let w = DpoWorkload {
                     pairs: 1,
@@ -822,6 +1025,11 @@ mod tests {
                 assert!(v["trainable_params"].as_u64() > Some(0), "{v}");
             }
         }
+        let v = vqa(&tiny(BenchArch::Sd15, tmp.path()), 3, 0).expect("vqa");
+        check(&v, "vqa");
+        assert_eq!(v["finite"], true);
+        assert_eq!(v["questions"], 3);
+        assert!(v["question_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
         let v = clip_score(&tiny(BenchArch::Sd15, tmp.path()), 2).expect("clip");
         check(&v, "clip_score");
         assert!(v["score_images_per_s"].as_f64().is_some_and(|x| x > 0.0));
