@@ -11,6 +11,7 @@ pub mod autoencoder_kl;
 pub mod bert;
 pub mod clip_text;
 pub mod clip_tokenizer;
+pub mod cpu_act;
 pub mod cpu_conv;
 pub mod cpu_norm;
 pub mod error;

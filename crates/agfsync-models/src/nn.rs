@@ -677,8 +677,12 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.silu()
 }
 
-/// CLIP's `quick_gelu`, `x * sigmoid(1.702 x)`.
+/// CLIP's `quick_gelu`, `x * sigmoid(1.702 x)`: one pass on the CPU when
+/// no gradient is recorded through it ([`crate::cpu_act`]).
 pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
+    if crate::cpu_act::handles(x) && !x.track_op() {
+        return crate::cpu_act::quick_gelu(x);
+    }
     x * candle_nn::ops::sigmoid(&(x * 1.702)?)?
 }
 
@@ -756,7 +760,9 @@ pub(crate) fn attention_composed(
     } else {
         (q.clone(), k.clone())
     };
-    let scores = (q.matmul(&k.t()?)? * scale)?;
+    // Scaling q rather than the scores: a pass over `[.., n, d]` instead of
+    // `[.., n, m]`.
+    let scores = (q * scale)?.matmul(&k.t()?)?;
     let scores = match bias {
         Some(b) => scores.broadcast_add(&b.to_dtype(scores.dtype())?)?,
         None => scores,

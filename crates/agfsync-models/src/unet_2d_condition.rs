@@ -502,12 +502,16 @@ impl BasicTransformerBlock {
             .forward(&self.norm2.forward(&x, pass)?, Some(context), pass)?;
         let x = (x + h)?;
         let h = self.ff_proj.forward(&self.norm3.forward(&x, pass)?, pass)?;
-        let inner = h.dim(D::Minus1)? / 2;
-        let (a, gate) = (
-            h.narrow(D::Minus1, 0, inner)?,
-            h.narrow(D::Minus1, inner, inner)?,
-        );
-        let h = (a * gate.gelu_erf()?)?;
+        let h = if crate::cpu_act::handles(&h) {
+            crate::cpu_act::geglu(&h)?
+        } else {
+            let inner = h.dim(D::Minus1)? / 2;
+            let (a, gate) = (
+                h.narrow(D::Minus1, 0, inner)?,
+                h.narrow(D::Minus1, inner, inner)?,
+            );
+            (a * gate.gelu_erf()?)?
+        };
         x + self.ff_out.forward(&h, pass)?
     }
 }

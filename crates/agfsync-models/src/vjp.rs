@@ -322,7 +322,11 @@ fn probabilities(q: &Tensor, k: &Tensor, scale: f64, upcast: bool) -> Result<Ten
     } else {
         (q.clone(), k.clone())
     };
-    let s = (q.matmul(&k.t()?)? * scale)?.to_dtype(softmax_dtype(q.dtype()))?;
+    // The scale on q (`[.., n, d]`), not on the `[.., n, m]` scores: one
+    // pass over the small operand instead of the large product.
+    let s = (&q * scale)?
+        .matmul(&k.t()?)?
+        .to_dtype(softmax_dtype(q.dtype()))?;
     candle_nn::ops::softmax_last_dim(&s.contiguous()?)
 }
 
@@ -398,12 +402,13 @@ impl CustomOp3 for Attention {
                 let dp = gc.matmul(&vc.t()?)?.to_dtype(wide)?;
                 let d = (gc.to_dtype(wide)? * o.narrow(0, start, len)?.to_dtype(wide)?)?
                     .sum_keepdim(2)?;
-                let ds = ((p * dp.broadcast_sub(&d)?)? * self.scale)?.to_dtype(dtype)?;
+                // dS without the scale, applied to the small products.
+                let ds = (p * dp.broadcast_sub(&d)?)?.to_dtype(dtype)?;
                 if self.tracks[0] {
-                    dq.push(ds.matmul(&kc)?);
+                    dq.push((ds.matmul(&kc)? * self.scale)?);
                 }
                 if self.tracks[1] {
-                    dk.push(ds.t()?.matmul(&qc)?);
+                    dk.push((ds.t()?.matmul(&qc)? * self.scale)?);
                 }
             }
             start += len;
