@@ -1,7 +1,9 @@
-//! Gated and sigmoid-weighted activations on the CPU as single passes:
-//! GEGLU (Shazeer, "GLU Variants Improve Transformer", 2020), the
-//! feed-forward of every Stable Diffusion transformer block, with its own
-//! backward; and CLIP's `quick_gelu`, `x * sigmoid(1.702 x)`.
+//! Gated and sigmoid-weighted activations and the softmax on the CPU as
+//! single passes: GEGLU (Shazeer, "GLU Variants Improve Transformer", 2020),
+//! the feed-forward of every Stable Diffusion transformer block, with its
+//! own backward; CLIP's `quick_gelu`, `x * sigmoid(1.702 x)`; and the
+//! softmax over the last dimension with an exponential the compiler can
+//! vectorise ([`exp_f32`]).
 //!
 //! Composed of candle ops, GEGLU narrows the projection into two strided
 //! halves, runs the erf-based GELU over one (a strided element loop) and
@@ -13,8 +15,9 @@
 //!
 //! f32 and f64 CPU tensors only ([`handles`]); elsewhere the callers
 //! compose candle ops. In f32 the error function is Abramowitz and Stegun's
-//! 7.1.26 (absolute error below 1.5e-7, f32's own resolution near 1); in f64
-//! it is libm's.
+//! 7.1.26 (absolute error below 1.5e-7, f32's own resolution near 1) and the
+//! exponential Cephes' `expf` polynomial without its branches (relative
+//! error about 2e-7); in f64 both are libm's.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -36,6 +39,45 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
         h.apply_op1_arc(std::sync::Arc::new(Box::new(Geglu)))
     } else {
         h.apply_op1_no_bwd(&Geglu)
+    }
+}
+
+/// The softmax over the last dimension without a graph (callers use it
+/// where no gradient flows through: inference attention, recomputed
+/// probabilities).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Softmax)
+}
+
+/// `e^x` in f32 without branches or calls, so loops over slices vectorise:
+/// `x = n ln 2 + r` with `|r| <= ln 2 / 2`, Cephes' minimax polynomial for
+/// `e^r` (Moshier, "Methods and Programs for Mathematical Functions",
+/// 1989), and `2^n` built in the exponent bits. Inputs below -87.3 (where
+/// `e^x` leaves f32's normal range) give 0; inputs above 88.3 give
+/// `e^88.3` (f32 overflows at 88.72).
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that n * LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.3, 88.3);
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let er = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        er * scale
     }
 }
 
@@ -69,7 +111,7 @@ impl Real for f32 {
     }
 
     fn exp(self) -> Self {
-        f32::exp(self)
+        exp_f32(self)
     }
 }
 
@@ -207,6 +249,69 @@ fn quick_gelu_t<T: Real>(x: &[T]) -> Vec<T> {
     out
 }
 
+struct Softmax;
+
+fn softmax_rows<T: Real>(x: &[T], width: usize) -> Vec<T> {
+    let mut out = vec![T::from_f64(0.0); x.len()];
+    out.par_chunks_mut(width)
+        .zip(x.par_chunks(width))
+        .with_min_len(MIN_ROWS)
+        .for_each(|(o, row)| {
+            // Separate passes, each a loop the compiler vectorises (a
+            // running sum inside the exponential's loop would keep it
+            // scalar: floating-point sums are not reassociated).
+            let max = lanes(row, T::from_f64(f64::NEG_INFINITY), |m, v| {
+                if v > m {
+                    v
+                } else {
+                    m
+                }
+            });
+            for (o, &v) in o.iter_mut().zip(row) {
+                *o = (v - max).exp();
+            }
+            let inv = T::from_f64(1.0) / lanes(o, T::from_f64(0.0), |a, b| a + b);
+            for o in o.iter_mut() {
+                *o *= inv;
+            }
+        });
+    out
+}
+
+/// Reduces `x` with `f` over eight interleaved lanes, then the lanes: a
+/// shape the compiler turns into vector instructions.
+#[inline(always)]
+fn lanes<T: Real>(x: &[T], init: T, f: impl Fn(T, T) -> T) -> T {
+    let mut acc = [init; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] = f(acc[i], c[i]);
+        }
+    }
+    let mut r = init;
+    for &v in acc.iter().chain(chunks.remainder()) {
+        r = f(r, v);
+    }
+    r
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "agfsync-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let width = l.dims().last().copied().unwrap_or(1).max(1);
+        let out = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(softmax_rows::<f32>(slice(s, l)?, width)),
+            CpuStorage::F64(_) => CpuStorage::F64(softmax_rows::<f64>(slice(s, l)?, width)),
+            _ => candle_core::bail!("softmax: f32 or f64 only"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
 impl CustomOp1 for QuickGelu {
     fn name(&self) -> &'static str {
         "agfsync-quick-gelu"
@@ -300,6 +405,38 @@ mod tests {
         }
         let odd = randn(&[2, 3], 1, 1.0);
         assert!(geglu(&odd).is_err());
+    }
+
+    #[test]
+    fn exp_f32_is_within_a_few_ulps_of_libm() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.3 {
+            let (ours, exact) = (exp_f32(x) as f64, (x as f64).exp());
+            worst = worst.max(((ours - exact) / exact).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert!(exp_f32(88.7).is_finite() && exp_f32(f32::INFINITY).is_finite());
+    }
+
+    #[test]
+    fn softmax_matches_candles() {
+        for dtype in [DType::F64, DType::F32] {
+            // Large spreads (rows dominated by one entry) and a row of one.
+            for shape in [[2usize, 3, 17], [4, 1, 1], [1, 5, 300]] {
+                let x = randn(&shape, shape[2] as u64, 30.0)
+                    .to_dtype(dtype)
+                    .expect("dtype");
+                let reference = candle_nn::ops::softmax_last_dim(&x).expect("candle");
+                let tol = if dtype == DType::F64 { 1e-14 } else { 1e-6 };
+                let d = max_diff(&softmax_last_dim(&x).expect("ours"), &reference);
+                assert!(d < tol, "{dtype:?} {shape:?}: {d}");
+            }
+        }
     }
 
     #[test]

@@ -667,9 +667,18 @@ pub fn softmax_last_dim(x: &Tensor, pass: Pass) -> Result<Tensor> {
     let y = if pass.differentiable {
         candle_nn::ops::softmax(&x, D::Minus1)?
     } else {
-        candle_nn::ops::softmax_last_dim(&x.contiguous()?)?
+        fast_softmax(&x)?
     };
     y.to_dtype(dtype)
+}
+
+/// The softmax over the last dimension without a graph: one vectorised
+/// pass per row on the CPU ([`crate::cpu_act`]), candle's kernel elsewhere.
+pub fn fast_softmax(x: &Tensor) -> Result<Tensor> {
+    if crate::cpu_act::handles(x) {
+        return crate::cpu_act::softmax_last_dim(x);
+    }
+    candle_nn::ops::softmax_last_dim(&x.contiguous()?)
 }
 
 /// SiLU, `x * sigmoid(x)`.

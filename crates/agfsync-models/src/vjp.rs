@@ -327,7 +327,7 @@ fn probabilities(q: &Tensor, k: &Tensor, scale: f64, upcast: bool) -> Result<Ten
     let s = (&q * scale)?
         .matmul(&k.t()?)?
         .to_dtype(softmax_dtype(q.dtype()))?;
-    candle_nn::ops::softmax_last_dim(&s.contiguous()?)
+    crate::nn::fast_softmax(&s)
 }
 
 struct Attention {
@@ -558,7 +558,11 @@ mod tests {
                     crate::nn::Pass::TRAIN,
                 )
                 .expect("reference");
-                assert!(max_diff(&ours, &reference) < 1e-12);
+                let d = max_diff(&ours, &reference);
+                // With `upcast` the softmax runs in f32, ours with the
+                // vectorised exponential (cpu_act), candle's with libm's.
+                let tol = if upcast { 1e-6 } else { 1e-12 };
+                assert!(d < tol, "upcast {upcast} chunk {chunk}: {d}");
                 let r = randn(&[3, 5, 4], 13);
                 let go = (ours * &r)
                     .and_then(|t| t.sum_all())
