@@ -12,8 +12,12 @@
 //! Nothing but the input is kept for it. ResNet blocks always follow their
 //! norms with SiLU, so the pair is one op.
 //!
+//! Layer normalisation (Ba et al., 2016) on training passes is the same
+//! kernel over rows ([`layer_norm`]): composed, it is as many passes as the
+//! group norm, and candle's fused layer norm records no gradient.
+//!
 //! f32 and f64 CPU tensors only ([`handles`]); other devices and dtypes use
-//! the composed ops in [`crate::nn::GroupNorm`].
+//! the composed ops in [`crate::nn::GroupNorm`] and [`crate::nn::LayerNorm`].
 
 use candle_core::{
     CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
@@ -54,6 +58,174 @@ pub fn group_norm(
         x.apply_op3_arc(&weight, &bias, std::sync::Arc::new(Box::new(op)))
     } else {
         x.apply_op3_no_bwd(&weight, &bias, &op)
+    }
+}
+
+/// `layer_norm(x) * weight + bias` over the last dimension of `x`
+/// (biased variance, `eps` inside the root), recording gradients for all
+/// three operands. Only for [`handles`] inputs.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    if weight.elem_count() != d || bias.elem_count() != d {
+        candle_core::bail!(
+            "layer_norm: width {d}, {} weights, {} biases",
+            weight.elem_count(),
+            bias.elem_count()
+        );
+    }
+    let x = x.contiguous()?;
+    let weight = weight.to_dtype(x.dtype())?.contiguous()?;
+    let bias = bias.to_dtype(x.dtype())?.contiguous()?;
+    x.apply_op3_arc(
+        &weight,
+        &bias,
+        std::sync::Arc::new(Box::new(LayerNormOp { eps })),
+    )
+}
+
+/// The fused layer norm.
+struct LayerNormOp {
+    eps: f64,
+}
+
+/// Rows per parallel task of the layer norm.
+const ROWS_PER_TASK: usize = 32;
+
+fn layer_norm_forward<T: Real>(x: &[T], w: &[T], b: &[T], eps: f64) -> Vec<T> {
+    let d = w.len().max(1);
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    y.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(yr, xr)| {
+            let (mean, rstd) = stats(xr, eps);
+            let (mean, rstd) = (T::from_f64(mean), T::from_f64(rstd));
+            for (((y, &x), &w), &b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+                *y = (x - mean) * rstd * w + b;
+            }
+        });
+    y
+}
+
+/// Per row: `x̂ = (x - mean) rstd`, `dx = rstd (g w - mean(g w) - x̂ mean(g w x̂))`;
+/// `dw = Σ g x̂` and `db = Σ g` over the rows.
+fn layer_norm_backward<T: Real>(x: &[T], w: &[T], g: &[T], eps: f64) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let d = w.len().max(1);
+    let mut dx = vec![T::from_f64(0.0); x.len()];
+    let rows_per = ROWS_PER_TASK * d;
+    let partials: Vec<(Vec<f64>, Vec<f64>)> = dx
+        .par_chunks_mut(rows_per)
+        .zip(x.par_chunks(rows_per))
+        .zip(g.par_chunks(rows_per))
+        .map(|((dxc, xc), gc)| {
+            let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+            for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                let (mean, rstd) = stats(xr, eps);
+                let (mut a, mut bb) = (0f64, 0f64);
+                for j in 0..d {
+                    let xh = (xr[j].to_f64() - mean) * rstd;
+                    let gv = gr[j].to_f64();
+                    let gw = gv * w[j].to_f64();
+                    a += gw;
+                    bb += gw * xh;
+                    dw[j] += gv * xh;
+                    db[j] += gv;
+                }
+                let (a, bb) = (a / d as f64, bb / d as f64);
+                for j in 0..d {
+                    let xh = (xr[j].to_f64() - mean) * rstd;
+                    let gw = gr[j].to_f64() * w[j].to_f64();
+                    dxr[j] = T::from_f64(rstd * (gw - a - xh * bb));
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0f64; d], vec![0f64; d]);
+    for (pw, pb) in &partials {
+        for j in 0..d {
+            dw[j] += pw[j];
+            db[j] += pb[j];
+        }
+    }
+    let cast = |v: Vec<f64>| v.into_iter().map(T::from_f64).collect::<Vec<T>>();
+    (dx, cast(dw), cast(db))
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "agfsync-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (xs, ws, bs) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(
+                layer_norm_forward::<f32>(slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?, self.eps),
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(
+                layer_norm_forward::<f64>(slice(xs, xl)?, slice(ws, wl)?, slice(bs, bl)?, self.eps),
+            ),
+            _ => candle_core::bail!("layer_norm: f32 or f64 operands of one dtype"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let x = x.detach().contiguous()?;
+        let w = w.detach().contiguous()?;
+        let g = g.to_dtype(x.dtype())?.contiguous()?;
+        fn run<T: Real>(
+            x: &Tensor,
+            w: &Tensor,
+            g: &Tensor,
+            eps: f64,
+        ) -> Result<(Vec<T>, Vec<T>, Vec<T>)> {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = w.storage_and_layout();
+            let (gs, gl) = g.storage_and_layout();
+            Ok(layer_norm_backward::<T>(
+                elements(&xs, xl)?,
+                elements(&ws, wl)?,
+                elements(&gs, gl)?,
+                eps,
+            ))
+        }
+        let dev = x.device();
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => {
+                let (dx, dw, db) = run::<f32>(&x, &w, &g, self.eps)?;
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::from_vec(dw, w.shape(), dev)?,
+                    Tensor::from_vec(db, b.shape(), dev)?,
+                )
+            }
+            DType::F64 => {
+                let (dx, dw, db) = run::<f64>(&x, &w, &g, self.eps)?;
+                (
+                    Tensor::from_vec(dx, x.shape(), dev)?,
+                    Tensor::from_vec(dw, w.shape(), dev)?,
+                    Tensor::from_vec(db, b.shape(), dev)?,
+                )
+            }
+            d => candle_core::bail!("layer_norm: no {d:?} backward"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
@@ -351,7 +523,7 @@ impl CustomOp3 for GroupNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::{Device, Var, D};
 
     fn randn(shape: &[usize], seed: u64, offset: f64) -> Tensor {
         use rand::{Rng, SeedableRng};
@@ -472,6 +644,55 @@ mod tests {
                     max_diff(&y32, &reference) < 1e-4,
                     "case {i} silu {silu} f32"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_output_and_gradients_match_the_composed_norm() {
+        for (i, (shape, offset)) in [
+            (vec![2, 5, 12], 0.0),
+            (vec![3, 70], 25.0),
+            (vec![1, 1, 3], -2.0),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let d = *shape.last().expect("width");
+            let seed = 100 + 10 * i as u64;
+            let x = Var::from_tensor(&randn(&shape, seed, offset)).expect("x");
+            let w = Var::from_tensor(&randn(&[d], seed + 1, 1.0)).expect("w");
+            let b = Var::from_tensor(&randn(&[d], seed + 2, 0.0)).expect("b");
+            let eps = 1e-5;
+            let ours = layer_norm(x.as_tensor(), w.as_tensor(), b.as_tensor(), eps).expect("ours");
+            let xt = x.as_tensor();
+            let mean = (xt.sum_keepdim(D::Minus1).expect("sum") / d as f64).expect("mean");
+            let xc = xt.broadcast_sub(&mean).expect("sub");
+            let var = (xc.sqr().expect("sqr").sum_keepdim(D::Minus1).expect("sum") / d as f64)
+                .expect("var");
+            let reference = xc
+                .broadcast_div(&(var + eps).expect("eps").sqrt().expect("sqrt"))
+                .expect("div")
+                .broadcast_mul(w.as_tensor())
+                .expect("mul")
+                .broadcast_add(b.as_tensor())
+                .expect("add");
+            let diff = max_diff(&ours, &reference);
+            assert!(diff < 1e-9, "case {i}: output differs by {diff}");
+            let r = randn(&shape, seed + 3, 0.0);
+            let go = (ours * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward());
+            let gr = (reference * &r)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward());
+            let (go, gr) = (go.expect("ours"), gr.expect("reference"));
+            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
+                let diff = max_diff(
+                    go.get(v.as_tensor()).expect("grad"),
+                    gr.get(v.as_tensor()).expect("grad"),
+                );
+                assert!(diff < 1e-8, "case {i}: d{name} differs by {diff}");
             }
         }
     }

@@ -625,8 +625,9 @@ impl LayerNorm {
         Ok(Self { weight, bias, eps })
     }
 
-    /// Normalises the last dimension of `x`: the fused kernel on inference
-    /// passes, differentiable primitives on training passes.
+    /// Normalises the last dimension of `x`: candle's fused kernel on
+    /// inference passes; on training passes [`crate::cpu_norm`]'s kernel with
+    /// its own backward on the CPU, differentiable primitives elsewhere.
     pub fn forward(&self, x: &Tensor, pass: Pass) -> Result<Tensor> {
         // The fused kernel has no f64 version: f64 (gradient checks) always
         // takes the composed path.
@@ -638,6 +639,10 @@ impl LayerNorm {
                 &self.bias.detach(),
                 self.eps as f32,
             );
+        }
+        if crate::cpu_norm::handles(x) {
+            // One fused kernel with its own backward.
+            return crate::cpu_norm::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         let dtype = x.dtype();
         let work = internal_dtype(dtype);
