@@ -144,6 +144,8 @@ fi
 
 run_group sd15 f16 unet,sample,clip --iters 5 --warmup 2 --latent 64 --size 512 --steps 20 --clip-batch 8
 run_group sd15 bf16 unet,dpo --iters 3 --warmup 1 --latent 64 --pairs 1
+# The VAE at 512 px and LLaVA-1.5-7B whole (its 32 decoder layers, 14 GB in f16).
+run_group sd15 f16 vae,vqa --iters 3 --warmup 1 --size 512 --questions 4 --vqa-layers 32
 if [[ "${AGFSYNC_BENCH_QUICK:-0}" != 1 ]]; then
     run_group sdxl f16 unet --iters 5 --warmup 2 --latent 64
     run_group sdxl bf16 unet --iters 5 --warmup 2 --latent 64
