@@ -565,7 +565,7 @@ fn input_grad_t<T: Elem>(g: &Tensor, w: &Tensor, geo: &Geometry) -> Result<Vec<T
             for (n0, len) in tiles(geo) {
                 let cols = &mut buf[..k * len];
                 let rhs = Mat {
-                    // SAFETY (of the offset): n0 < n, within gb.
+                    // n0 < n: the offset stays within gb.
                     ptr: gb[n0..].as_ptr(),
                     cs: 1,
                     rs: n as isize,
