@@ -74,6 +74,15 @@ VIT_L14 = dict(
 )
 
 
+def clip_processor_class():
+    """transformers' PIL-based CLIP image processor (the one agfsync reproduces)."""
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
+    except ImportError:  # transformers 4.x
+        from transformers import CLIPImageProcessor as Proc
+    return Proc
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -272,10 +281,7 @@ class Bench:
         from PIL import Image
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-        try:
-            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
-        except ImportError:  # transformers 4.x
-            from transformers import CLIPImageProcessor as Proc
+        Proc = clip_processor_class()
         transformers.utils.logging.set_verbosity_error()
         self.reset_peak()
         t0 = time.perf_counter()
@@ -325,10 +331,7 @@ class Bench:
         from PIL import Image
         from transformers import CLIPConfig, CLIPModel
 
-        try:
-            from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Proc
-        except ImportError:  # transformers 4.x
-            from transformers import CLIPImageProcessor as Proc
+        Proc = clip_processor_class()
         transformers.utils.logging.set_verbosity_error()
         self.reset_peak()
         t0 = time.perf_counter()

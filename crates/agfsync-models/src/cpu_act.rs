@@ -19,7 +19,9 @@
 //! exponential Cephes' `expf` polynomial without its branches (relative
 //! error about 2e-7); in f64 both are libm's.
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 /// Whether this module computes on `x` (an f32 or f64 CPU tensor).
@@ -86,8 +88,9 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&QuickGelu)
 }
 
-/// f32 and f64 with the functions the activations need.
-trait Real: WithDType {
+/// f32 and f64 with the functions the CPU kernels need (`cpu_act`,
+/// `cpu_norm`): f32's exponential is [`exp_f32`].
+pub(crate) trait Real: WithDType {
     fn erf(self) -> Self;
     fn exp(self) -> Self;
 }
@@ -142,11 +145,20 @@ fn gelu_and_slope<T: Real>(x: T) -> (T, T) {
     (x * c, c + x * pdf)
 }
 
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+/// The elements of a contiguous operand of a CPU custom op.
+pub(crate) fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     let all = T::cpu_storage_as_slice(s)?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("activation: a non-contiguous operand"),
+        None => candle_core::bail!("CPU kernel: a non-contiguous operand"),
+    }
+}
+
+/// The elements of a contiguous CPU tensor's storage.
+pub(crate) fn elements<'a, T: WithDType>(storage: &'a Storage, l: &Layout) -> Result<&'a [T]> {
+    match storage {
+        Storage::Cpu(s) => slice(s, l),
+        _ => candle_core::bail!("CPU kernel: a tensor that is not on the CPU"),
     }
 }
 
@@ -215,17 +227,14 @@ impl CustomOp1 for Geglu {
         let width = h.dim(candle_core::D::Minus1)?;
         let (hs, hl) = h.storage_and_layout();
         let (gs, gl) = g.storage_and_layout();
-        let (candle_core::Storage::Cpu(hs), candle_core::Storage::Cpu(gs)) = (&*hs, &*gs) else {
-            candle_core::bail!("geglu: a tensor that is not on the CPU");
-        };
-        let dh = match hs {
-            CpuStorage::F32(_) => Tensor::from_vec(
-                geglu_backward::<f32>(slice(hs, hl)?, slice(gs, gl)?, width),
+        let dh = match h.dtype() {
+            DType::F32 => Tensor::from_vec(
+                geglu_backward::<f32>(elements(&hs, hl)?, elements(&gs, gl)?, width),
                 h.shape(),
                 h.device(),
             )?,
             _ => Tensor::from_vec(
-                geglu_backward::<f64>(slice(hs, hl)?, slice(gs, gl)?, width),
+                geglu_backward::<f64>(elements(&hs, hl)?, elements(&gs, gl)?, width),
                 h.shape(),
                 h.device(),
             )?,

@@ -26,7 +26,9 @@
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
-use candle_core::{DType, Layout, Result, Storage, Tensor, WithDType};
+use candle_core::{DType, Result, Tensor, WithDType};
+
+use crate::cpu_act::elements;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -266,18 +268,6 @@ fn with_scratch<T: Elem, R>(len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
         }
         Err(_) => f(&mut vec![T::default(); len]),
     })
-}
-
-/// The elements of a contiguous CPU tensor.
-fn elements<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
-    let Storage::Cpu(cpu) = storage else {
-        candle_core::bail!("cpu_conv: a tensor that is not on the CPU");
-    };
-    let all = T::cpu_storage_as_slice(cpu)?;
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&all[start..end]),
-        None => candle_core::bail!("cpu_conv: a non-contiguous tensor"),
-    }
 }
 
 fn parallelism() -> Parallelism {

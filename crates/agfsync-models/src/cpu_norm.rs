@@ -19,10 +19,10 @@
 //! f32 and f64 CPU tensors only ([`handles`]); other devices and dtypes use
 //! the composed ops in [`crate::nn::GroupNorm`] and [`crate::nn::LayerNorm`].
 
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::cpu_act::{elements, slice, Real};
 
 /// Whether [`group_norm`] computes on `x` (an f32 or f64 CPU tensor).
 pub fn handles(x: &Tensor) -> bool {
@@ -267,31 +267,6 @@ impl Dims {
     }
 }
 
-/// f32 and f64, with the exponential SiLU needs.
-trait Real: WithDType {
-    fn exp(self) -> Self;
-}
-
-impl Real for f32 {
-    fn exp(self) -> Self {
-        crate::cpu_act::exp_f32(self)
-    }
-}
-
-impl Real for f64 {
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-}
-
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let all = T::cpu_storage_as_slice(s)?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&all[a..b]),
-        None => candle_core::bail!("group_norm: a non-contiguous operand"),
-    }
-}
-
 /// Mean and `1 / sqrt(var + eps)` of one group, accumulated in f64.
 fn stats<T: Real>(x: &[T], eps: f64) -> (f64, f64) {
     let (mut s, mut ss) = (0f64, 0f64);
@@ -418,13 +393,6 @@ fn backward<T: Real>(
     (dx, cast(dw), cast(db))
 }
 
-fn elements<'a, T: WithDType>(storage: &'a Storage, layout: &Layout) -> Result<&'a [T]> {
-    match storage {
-        Storage::Cpu(s) => slice(s, layout),
-        _ => candle_core::bail!("group_norm: a tensor that is not on the CPU"),
-    }
-}
-
 fn backward_t<T: Real>(
     op: &GroupNormOp,
     x: &Tensor,
@@ -542,6 +510,31 @@ mod tests {
             .expect("diff")
     }
 
+    /// Back-propagates `sum(y * r)` through `ours` and `reference` and
+    /// asserts that x, w and b get the same gradients (1e-8).
+    fn assert_same_gradients(
+        ours: &Tensor,
+        reference: &Tensor,
+        r: &Tensor,
+        vars: [&Var; 3],
+        label: &str,
+    ) {
+        let grads = |y: &Tensor| {
+            (y * r)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("backward")
+        };
+        let (go, gr) = (grads(ours), grads(reference));
+        for (name, v) in ["x", "w", "b"].into_iter().zip(vars) {
+            let d = max_diff(
+                go.get(v.as_tensor()).expect("grad"),
+                gr.get(v.as_tensor()).expect("grad"),
+            );
+            assert!(d < 1e-8, "{label}: d{name} differs by {d}");
+        }
+    }
+
     /// The group norm written with candle's differentiable ops.
     fn composed(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64, silu: bool) -> Tensor {
         let dims = x.dims().to_vec();
@@ -611,20 +604,8 @@ mod tests {
                 let d = max_diff(&ours, &reference);
                 assert!(d < 1e-9, "case {i} silu {silu}: output differs by {d}");
                 let r = randn(&shape, seed + 3, 0.0);
-                let go = (ours * &r)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward());
-                let gr = (reference * &r)
-                    .and_then(|t| t.sum_all())
-                    .and_then(|t| t.backward());
-                let (go, gr) = (go.expect("ours"), gr.expect("reference"));
-                for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-                    let d = max_diff(
-                        go.get(v.as_tensor()).expect("grad"),
-                        gr.get(v.as_tensor()).expect("grad"),
-                    );
-                    assert!(d < 1e-8, "case {i} silu {silu}: d{name} differs by {d}");
-                }
+                let label = format!("case {i} silu {silu}");
+                assert_same_gradients(&ours, &reference, &r, [&x, &w, &b], &label);
                 // f32 forward against the f64 result.
                 let x32 = x.as_tensor().to_dtype(DType::F32).expect("f32");
                 let (w32, b32) = (
@@ -632,14 +613,6 @@ mod tests {
                     b.as_tensor().to_dtype(DType::F32).expect("f32"),
                 );
                 let y32 = group_norm(&x32, &w32, &b32, groups, eps, silu, false).expect("f32");
-                let reference = composed(
-                    x.as_tensor(),
-                    w.as_tensor(),
-                    b.as_tensor(),
-                    groups,
-                    eps,
-                    silu,
-                );
                 assert!(
                     max_diff(&y32, &reference) < 1e-4,
                     "case {i} silu {silu} f32"
@@ -680,20 +653,7 @@ mod tests {
             let diff = max_diff(&ours, &reference);
             assert!(diff < 1e-9, "case {i}: output differs by {diff}");
             let r = randn(&shape, seed + 3, 0.0);
-            let go = (ours * &r)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward());
-            let gr = (reference * &r)
-                .and_then(|t| t.sum_all())
-                .and_then(|t| t.backward());
-            let (go, gr) = (go.expect("ours"), gr.expect("reference"));
-            for (name, v) in [("x", &x), ("w", &w), ("b", &b)] {
-                let diff = max_diff(
-                    go.get(v.as_tensor()).expect("grad"),
-                    gr.get(v.as_tensor()).expect("grad"),
-                );
-                assert!(diff < 1e-8, "case {i}: d{name} differs by {diff}");
-            }
+            assert_same_gradients(&ours, &reference, &r, [&x, &w, &b], &format!("case {i}"));
         }
     }
 
